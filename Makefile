@@ -1,0 +1,42 @@
+# One command each: `make demo` runs the main job on embedded defaults,
+# `make test` runs the whole suite against real PostgreSQL and Redis.
+# Both create the virtualenv and install everything on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test run lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/agentloop demo
+
+test: $(STAMP)
+	scripts/ensure-services.sh
+	$(BIN)/python -m pytest
+
+run: $(STAMP)
+	$(BIN)/agentloop db upgrade
+	mkdir -p .agentloop
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho start
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	scripts/ensure-services.sh
+	$(BIN)/python bench/loop_overhead.py
+
+clean:
+	rm -rf .agentloop

@@ -1,0 +1,1 @@
+"""agentloop: a durable agent runner."""

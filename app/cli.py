@@ -1,0 +1,244 @@
+"""The `agentloop` command: a thin adapter from the terminal to the service layer."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import click
+
+from app.config import ConfigError, Settings, load_settings, redact_url
+from app.engine.models import Decision
+from app.service import AgentService, ServiceError
+from app.store.repo import NotFound, StoreUnavailable
+from app.timeline import format_event, format_run_header, format_step
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class BrokerUnavailable(Exception):
+    pass
+
+
+def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn expected failures into one clear line and exit status 2 — no traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, StoreUnavailable, BrokerUnavailable, ServiceError, NotFound) as exc:
+            message = exc.args[0] if exc.args else str(exc)
+            click.echo(f"agentloop: {message}", err=True)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def check_broker(settings: Settings) -> None:
+    """Raise BrokerUnavailable (one line: which URL, what to do) unless the broker answers."""
+    from tasks import celery_app
+
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=3)
+    except Exception as exc:
+        url = redact_url(settings.resolved_broker_url)
+        raise BrokerUnavailable(
+            f"cannot reach the broker at {url}: {exc}. Start it (redis-server) or set "
+            "CELERY_BROKER_URL; leave it unset for the embedded filesystem broker."
+        ) from None
+
+
+def connect(*, broker: bool = True) -> tuple[Settings, AgentService]:
+    """Settings and a service, after checking the database (and broker) answer."""
+    from app.wiring import build_service
+    from tasks import CeleryDispatcher
+
+    settings = load_settings()
+    try:
+        service = build_service(settings, CeleryDispatcher(settings.max_countdown))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    service.store.check(redact_url(settings.resolved_database_url))
+    if broker:
+        check_broker(settings)
+    return settings, service
+
+
+@click.group()
+def main() -> None:
+    """agentloop: hand an agent a multi-step task and trust it to finish."""
+
+
+@main.command()
+@click.argument("task")
+@click.option("--planner", type=click.Choice(["auto", "offline", "anthropic"]), default="auto")
+@click.option("--runbook", default=None, help="Offline planner: force this runbook.")
+@click.option("--max-iterations", type=int, default=None)
+@click.option("--timeout", type=float, default=None, help="Seconds for the whole run.")
+@click.option("--approval-required", default=None, help="Comma-separated tool names.")
+@click.option("--config", "config_json", default=None, help="Run config as JSON.")
+@click.option("--follow/--no-follow", default=False, help="Print the timeline as it grows.")
+@friendly_errors
+def run(
+    task: str,
+    planner: str,
+    runbook: str | None,
+    max_iterations: int | None,
+    timeout: float | None,
+    approval_required: str | None,
+    config_json: str | None,
+    follow: bool,
+) -> None:
+    """Start a run for TASK (a worker must be running: `agentloop worker`)."""
+    _, service = connect()
+    config: dict[str, Any] = _parse_json(config_json, "--config") if config_json else {}
+    options = {
+        "planner": planner,
+        "runbook": runbook,
+        "max_iterations": max_iterations,
+        "timeout": timeout,
+        "approval_required": approval_required,
+    }
+    config.update({k: v for k, v in options.items() if v is not None})
+    run_id = service.create_run(task, config=config, created_by=_whoami())
+    view = service.status(run_id)
+    click.echo(f"run {run_id} created (planner: {view.run.planner})")
+    if follow:
+        from app.demo import follow_run
+
+        raise SystemExit(follow_run(service, run_id, ask=None, color=sys.stdout.isatty()))
+
+
+@main.command()
+@click.argument("run_id")
+@friendly_errors
+def status(run_id: str) -> None:
+    """Print a run, its steps and its whole timeline."""
+    _, service = connect(broker=False)
+    view = service.status(run_id)
+    click.echo(format_run_header(view.run))
+    click.echo("\nsteps:")
+    for step in view.steps:
+        click.echo(format_step(step))
+    click.echo("\ntimeline:")
+    for event in view.events:
+        click.echo(format_event(event, color=sys.stdout.isatty()))
+    if view.pending_approval is not None:
+        pending = view.pending_approval
+        click.echo(f"\nwaiting for a person ({pending.kind}): {pending.reason}")
+    if view.run.report:
+        click.echo("\nreport:\n" + view.run.report)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--args", "args_json", default=None, help="Approve with these args (JSON).")
+@click.option("--comment", default="")
+@friendly_errors
+def approve(run_id: str, args_json: str | None, comment: str) -> None:
+    """Approve the step a paused run waits on."""
+    _, service = connect()
+    args = _parse_json(args_json, "--args") if args_json else None
+    service.approve(run_id, by=_whoami(), args=args, comment=comment)
+    click.echo(f"approved; run {run_id} resumes")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--reason", required=True, help="Why; the agent re-plans around it.")
+@friendly_errors
+def reject(run_id: str, reason: str) -> None:
+    """Reject the step a paused run waits on."""
+    _, service = connect()
+    service.reject(run_id, by=_whoami(), reason=reason)
+    click.echo(f"rejected; run {run_id} re-plans")
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("decision", type=click.Choice(["retry", "skip", "done"]))
+@click.option("--comment", default="")
+@friendly_errors
+def resolve(run_id: str, decision: str, comment: str) -> None:
+    """Decide about a step whose outcome is unknown (its worker died mid-tool)."""
+    _, service = connect()
+    chosen = Decision.MARK_DONE if decision == "done" else Decision(decision)
+    service.decide(run_id, chosen, by=_whoami(), comment=comment)
+    click.echo(f"{decision}; run {run_id} resumes")
+
+
+@main.command()
+@click.argument("run_id")
+@friendly_errors
+def cancel(run_id: str) -> None:
+    """Cancel a queued, running or paused run."""
+    _, service = connect(broker=False)
+    service.cancel(run_id, by=_whoami())
+    click.echo(f"run {run_id} cancelled")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--beat/--no-beat", default=False, help="Also run the sweep schedule (beat).")
+@click.pass_context
+@friendly_errors
+def worker(ctx: click.Context, beat: bool) -> None:
+    """Start a Celery worker (extra arguments go to `celery worker`)."""
+    settings, _ = connect()
+    argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]
+    if beat:
+        schedule = settings.data_dir.resolve() / "celerybeat-schedule"
+        argv += ["--beat", f"--schedule={schedule}"]
+    os.execv(sys.executable, argv + list(ctx.args))
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command()
+@friendly_errors
+def upgrade() -> None:
+    """Apply migrations up to the latest schema."""
+    from app.store.migrate import upgrade as migrate
+
+    settings = load_settings()
+    url = settings.resolved_database_url
+    try:
+        migrate(url)
+    except Exception as exc:
+        raise StoreUnavailable(
+            f"cannot migrate the database at {redact_url(url)}: {exc}. "
+            "Start it or set DATABASE_URL."
+        ) from None
+    click.echo(f"database at {redact_url(url)} is at the latest schema")
+
+
+@main.command()
+@friendly_errors
+def demo() -> None:
+    """Run the deploy scenario end to end on embedded defaults."""
+    from app.demo import run_demo
+
+    raise SystemExit(run_demo(load_settings()))
+
+
+def _parse_json(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a JSON object")
+    return value
+
+
+def _whoami() -> str:
+    return os.environ.get("AGENTLOOP_USER") or os.environ.get("USER") or "cli"

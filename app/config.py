@@ -1,0 +1,118 @@
+"""One typed settings object, read from the environment (and `.env`).
+
+Embedded defaults need no servers: SQLite in `.agentloop/` and kombu's
+filesystem broker. Set DATABASE_URL / CELERY_BROKER_URL for PostgreSQL / Redis.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TOOL_MODULES = ("app.tools.builtin", "app.tools.demo")
+
+
+class ConfigError(Exception):
+    """Configuration that cannot work; the message says what to change."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AGENTLOOP_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    data_dir: Path = Path(".agentloop")
+    database_url: str = Field(
+        "", validation_alias=AliasChoices("DATABASE_URL", "AGENTLOOP_DATABASE_URL")
+    )
+    broker_url: str = Field(
+        "", validation_alias=AliasChoices("CELERY_BROKER_URL", "AGENTLOOP_BROKER_URL")
+    )
+    # Extra tool modules (comma-separated), loaded after the built-ins.
+    tool_modules: str = ""
+    workspace_root: Path | None = None
+    # How long past a step's timeout a lease is kept before another worker may recover it.
+    lease_grace: float = Field(30.0, gt=0, le=3600)
+    # Longest countdown handed to the broker; longer waits stay in next_run_at.
+    max_countdown: float = Field(300.0, gt=0, le=1800)
+    # How late a due run must be before the sweep re-enqueues it.
+    sweep_grace: float = Field(30.0, gt=0, le=3600)
+    sweep_interval: float = Field(15.0, gt=0, le=3600)
+    broker_visibility_timeout: int = Field(3600, ge=60)
+    filesystem_polling_interval: float = Field(0.05, gt=0, le=10)
+    slack_webhook_url: str = Field(
+        "", validation_alias=AliasChoices("SLACK_WEBHOOK_URL", "AGENTLOOP_SLACK_WEBHOOK_URL")
+    )
+    anthropic_api_key: str = Field(
+        "", validation_alias=AliasChoices("ANTHROPIC_API_KEY", "AGENTLOOP_ANTHROPIC_API_KEY")
+    )
+    anthropic_base_url: str = Field(
+        "", validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "AGENTLOOP_ANTHROPIC_BASE_URL")
+    )
+    llm_timeout: float = Field(120.0, gt=0, le=1800)
+    secret_key: str = Field("dev-only-change-me", min_length=8)
+    flower_url: str = "http://127.0.0.1:5555"
+
+    @field_validator("database_url", "broker_url")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if not self.database_url:
+            return f"sqlite:///{(self.data_dir / 'agentloop.db').resolve()}"
+        return with_psycopg2(self.database_url)
+
+    @cached_property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def workspaces(self) -> Path:
+        return (self.workspace_root or self.data_dir / "workspaces").resolve()
+
+    @property
+    def all_tool_modules(self) -> list[str]:
+        extra = [m.strip() for m in self.tool_modules.split(",") if m.strip()]
+        return [*DEFAULT_TOOL_MODULES, *extra]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment; raises ConfigError with a readable message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def with_psycopg2(url: str) -> str:
+    """SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; we ship psycopg2."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url.removeprefix(prefix)
+    return url
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for an error message: the password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url

@@ -1,0 +1,222 @@
+"""Typed run state, configuration and the values the engine exchanges.
+
+Everything here is plain, serializable data: the engine reasons over it, the
+store persists it, the planner and tools read it. No I/O, no frameworks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+JSONDict = dict[str, Any]
+
+MAX_TASK_CHARS = 10_000
+MAX_STEPS_PER_PLAN = 50
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+ACTIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    REJECTED = "rejected"
+
+
+class ErrorClass(StrEnum):
+    """Who must act on an error."""
+
+    TRANSIENT = "transient"  # the loop: retry with backoff
+    PERMANENT = "permanent"  # the planner: re-plan around it at once
+    NEEDS_HUMAN = "needs_human"  # a person: pause
+    UNKNOWN_OUTCOME = "unknown_outcome"  # a worker died mid-tool; a person decides
+
+
+class EventKind(StrEnum):
+    OBSERVATION = "observation"
+    DECISION = "decision"
+    ERROR = "error"
+    PLAN = "plan"
+    APPROVAL = "approval"
+    RETRY = "retry"
+    TOOL_CALL = "tool_call"
+    LLM_CALL = "llm_call"
+    STATUS = "status"
+
+
+class PauseKind(StrEnum):
+    APPROVAL = "approval"  # a sensitive step waits for a yes / no
+    OUTCOME_UNKNOWN = "outcome_unknown"  # retry / skip / mark done
+    NEEDS_HUMAN = "needs_human"  # a tool asked for a person; retry / skip / mark done
+
+
+class Decision(StrEnum):
+    """What a person decided about a paused run."""
+
+    APPROVE = "approve"
+    REJECT = "reject"
+    RETRY = "retry"
+    SKIP = "skip"
+    MARK_DONE = "mark_done"
+
+
+DECISIONS_FOR: dict[PauseKind, frozenset[Decision]] = {
+    PauseKind.APPROVAL: frozenset({Decision.APPROVE, Decision.REJECT}),
+    PauseKind.OUTCOME_UNKNOWN: frozenset({Decision.RETRY, Decision.SKIP, Decision.MARK_DONE}),
+    PauseKind.NEEDS_HUMAN: frozenset({Decision.RETRY, Decision.SKIP, Decision.MARK_DONE}),
+}
+
+
+class RetryPolicy(BaseModel):
+    """Exponential backoff with jitter: delay(n) = min(max_backoff, base * factor**(n-1))."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_retries: int = Field(3, ge=0, le=20)
+    base: float = Field(2.0, gt=0, le=600)
+    factor: float = Field(2.0, ge=1, le=10)
+    # The cap stays well under the broker's visibility timeout (one hour); longer
+    # waits are kept as next_run_at in the database, not as a broker countdown.
+    max_backoff: float = Field(60.0, gt=0, le=1800)
+    jitter: float = Field(0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _cap_not_below_base(self) -> RetryPolicy:
+        if self.max_backoff < self.base:
+            raise ValueError("max_backoff must be at least base")
+        return self
+
+
+class RunConfig(BaseModel):
+    """Per-run options. Validated when a run is created, stored with the run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    planner: str = Field("auto", pattern=r"^(auto|offline|anthropic)$")
+    runbook: str | None = Field(None, max_length=100)
+    model: str = Field("claude-sonnet-4-20250514", min_length=1, max_length=100)
+    temperature: float = Field(0.3, ge=0, le=1)
+    max_tokens: int = Field(4096, ge=256, le=64_000)
+    max_iterations: int = Field(50, ge=1, le=10_000)
+    timeout: float = Field(600.0, gt=0, le=7 * 24 * 3600, description="seconds, whole run")
+    approval_required: tuple[str, ...] = ("deploy", "delete", "send_email")
+    retry_policy: RetryPolicy = RetryPolicy()
+    max_replans: int = Field(3, ge=0, le=50)
+    max_plan_repairs: int = Field(2, ge=0, le=10)
+    budget_tokens: int | None = Field(None, ge=1)
+    budget_usd: float | None = Field(None, gt=0)
+    approvers: tuple[str, ...] = ()
+
+    @field_validator("approval_required", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+
+class ToolPolicy(BaseModel):
+    """What the engine needs to know about a tool: its flags, not its code."""
+
+    model_config = ConfigDict(frozen=True)
+
+    requires_approval: bool = False
+    idempotent: bool = False
+    timeout: float = 60.0
+
+
+class Step(BaseModel):
+    """One step of a plan, as stored."""
+
+    id: int
+    plan_version: int
+    position: int
+    description: str
+    tool: str
+    args: JSONDict = Field(default_factory=dict)
+    status: StepStatus = StepStatus.PENDING
+    attempts: int = 0
+    result: Any = None
+    error: str | None = None
+    error_class: ErrorClass | None = None
+    approved_args_hash: str | None = None
+    idempotency_key: str = ""
+
+    @property
+    def args_hash(self) -> str:
+        return args_hash(self.args)
+
+    @property
+    def is_approved(self) -> bool:
+        return self.approved_args_hash == self.args_hash
+
+
+def idempotency_key(run_id: str, plan_version: int, position: int) -> str:
+    """Stable across retries and worker crashes: the same step always has the same key."""
+    return f"{run_id}:v{plan_version}:p{position}"
+
+
+def args_hash(args: JSONDict) -> str:
+    """A stable hash of a step's arguments: an approval is bound to exactly these."""
+    canonical = json.dumps(args, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class RunSnapshot(BaseModel):
+    """What one iteration knows about a run: the row plus the current plan's steps."""
+
+    id: str
+    task: str
+    status: RunStatus
+    config: RunConfig
+    iteration: int
+    tick: int
+    plan_version: int = 0
+    replans: int = 0
+    planner_failures: int = 0
+    context: JSONDict = Field(default_factory=dict)
+    deadline: datetime
+    tokens_total: int = 0
+    cost_usd: float = 0.0
+    steps: list[Step] = Field(default_factory=list)
+
+    def step(self, step_id: int) -> Step:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)
+
+
+class PlannedStep(BaseModel):
+    """A step as a planner proposes it, before it is stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = Field(min_length=1, max_length=500)
+    tool: str = Field(min_length=1, max_length=100)
+    args: JSONDict = Field(default_factory=dict)
+
+
+PlanSteps = Annotated[list[PlannedStep], Field(min_length=1, max_length=MAX_STEPS_PER_PLAN)]

@@ -1,0 +1,1 @@
+"""Planners: the offline runbook planner and Claude through the anthropic SDK."""

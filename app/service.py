@@ -1,0 +1,612 @@
+"""The service layer: create_run, advance, approve, reject, resolve, cancel, status, sweep.
+
+Transports (Celery tasks, Flask views, the CLI) call these and nothing else.
+One iteration is: claim and decide in a short transaction, do the slow work
+(a tool, the planner) with no transaction open, save the outcome under the
+lease, commit, and only then enqueue the next iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from secrets import token_hex
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+from sqlalchemy import Row
+
+from app.engine.actions import (
+    AwaitHuman,
+    Execute,
+    Fail,
+    NewEvent,
+    Plan,
+    PlanInvalid,
+    PlannerFatal,
+    PlanOutcome,
+    PlanProduced,
+    StepFailed,
+    StepOutcome,
+    StepSucceeded,
+    Transition,
+)
+from app.engine.apply import apply_transition
+from app.engine.machine import begin_step, decide, fail, fold_decision, fold_plan, fold_step, pause
+from app.engine.models import (
+    DECISIONS_FOR,
+    MAX_TASK_CHARS,
+    Decision,
+    ErrorClass,
+    EventKind,
+    PauseKind,
+    PlannedStep,
+    RunConfig,
+    RunSnapshot,
+    RunStatus,
+    Step,
+)
+from app.engine.redact import redact, secret_values
+from app.planner.base import EventView, Planner, PlanRequest, StepView, ToolSpec
+from app.store.repo import Guard, NotFound, Store, Tx, snapshot_from_row
+from app.tools.registry import ToolContext, ToolRegistry, UnknownTool, run_tool
+
+log = logging.getLogger(__name__)
+
+RECENT_EVENTS = 20
+SUMMARY_FOLD_LIMIT = 500
+
+
+class ServiceError(Exception):
+    """Base for errors a caller should show to the person who asked."""
+
+
+class InvalidInput(ServiceError):
+    pass
+
+
+class Conflict(ServiceError):
+    """The run is not in a state that allows the request (e.g. approving twice)."""
+
+
+class Dispatcher(Protocol):
+    """Publishes 'advance run R at tick T in D seconds'. Called only after commit."""
+
+    def enqueue(self, run_id: str, tick: int, delay: float) -> None: ...
+
+
+PlannerFactory = Callable[[str], Planner]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A run as people read it: the row, every step, and the timeline."""
+
+    run: Row[Any]
+    steps: list[Step]
+    events: list[Row[Any]]
+    pending_approval: Row[Any] | None
+
+
+@dataclass
+class AgentService:
+    store: Store
+    tools: ToolRegistry
+    dispatcher: Dispatcher
+    planners: PlannerFactory
+    default_planner: str
+    workspaces: Path
+    tool_settings: Mapping[str, Any] = field(default_factory=dict)
+    lease_grace: float = 30.0
+    llm_timeout: float = 120.0
+    sweep_grace: float = 30.0
+    clock: Callable[[], datetime] = utcnow
+    jitter: Callable[[], float] = random.random
+    worker_id: str = field(default_factory=default_worker_id)
+
+    # --- creating runs ------------------------------------------------------------
+
+    def create_run(
+        self,
+        task: str,
+        *,
+        config: RunConfig | Mapping[str, Any] | None = None,
+        created_by: str | None = None,
+    ) -> str:
+        """Store a new run and enqueue its first iteration. Raises InvalidInput."""
+        task = (task or "").strip()
+        if not task:
+            raise InvalidInput("the task is empty: say what the agent should do")
+        if len(task) > MAX_TASK_CHARS:
+            raise InvalidInput(f"the task is {len(task)} characters; the limit is {MAX_TASK_CHARS}")
+        cfg = self._validate_config(config)
+        unknown = sorted(set(cfg.approval_required) - {t.name for t in self.tools})
+        if unknown:
+            raise InvalidInput(f"approval_required names unknown tools: {', '.join(unknown)}")
+        planner = self.default_planner if cfg.planner == "auto" else cfg.planner
+        try:
+            self.planners(planner)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        run_id = token_hex(8)
+        now = self.clock()
+        with self.store.transaction() as tx:
+            tx.insert_run(
+                run_id=run_id,
+                task=task,
+                planner=planner,
+                config=cfg,
+                deadline=now + timedelta(seconds=cfg.timeout),
+                now=now,
+                created_by=created_by,
+            )
+            tx.insert_events(
+                run_id,
+                0,
+                [
+                    _status_event(
+                        f"run created by {created_by or 'anonymous'} with the {planner} planner"
+                    )
+                ],
+                now,
+            )
+        self.dispatcher.enqueue(run_id, 0, 0)
+        return run_id
+
+    @staticmethod
+    def _validate_config(config: RunConfig | Mapping[str, Any] | None) -> RunConfig:
+        if isinstance(config, RunConfig):
+            return config
+        try:
+            return RunConfig.model_validate(dict(config or {}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise InvalidInput(f"invalid run config: {problems}") from None
+
+    # --- one iteration --------------------------------------------------------------
+
+    def advance(self, run_id: str, tick: int) -> None:
+        """Advance a run by one iteration, if this message is still current."""
+        now = self.clock()
+        with self.store.transaction() as tx:
+            row = tx.claim(
+                run_id,
+                tick=tick,
+                owner=self.worker_id,
+                lease_until=now + timedelta(seconds=self.lease_grace),
+                now=now,
+            )
+            if row is None:
+                self._unclaimed(tx, run_id, tick, now)
+                return
+            run = snapshot_from_row(row, tx.plan_steps(run_id, row.plan_version))
+            planner_kind = row.planner
+            action = decide(run, now=now, tools=self.tools.policies())
+            prepared = self._prepare(tx, run, action, now, planner_kind)
+        if prepared is None:
+            return
+        run, request = prepared
+        if isinstance(action, Execute):
+            outcome: StepOutcome | PlanOutcome = self._execute(run, run.step(action.step_id))
+        else:
+            assert isinstance(action, Plan) and request is not None
+            outcome = self._plan(planner_kind, request)
+        self._finish(run, action, outcome)
+
+    def _unclaimed(self, tx: Tx, run_id: str, tick: int, now: datetime) -> None:
+        """A message that could not claim: stale, duplicate, leased — or early, because
+        the broker countdown is capped; then it is published again for the rest."""
+        try:
+            row = tx.get_run(run_id)
+        except NotFound:
+            log.warning("advance: run %s does not exist", run_id)
+            return
+        early = (
+            row.tick == tick
+            and row.status in (RunStatus.QUEUED, RunStatus.RUNNING)
+            and row.lease_owner is None
+            and row.next_run_at is not None
+            and row.next_run_at > now
+        )
+        if early:
+            remaining = (row.next_run_at - now).total_seconds()
+            self.dispatcher.enqueue(run_id, tick, remaining)
+
+    def _prepare(
+        self,
+        tx: Tx,
+        run: RunSnapshot,
+        action: Fail | AwaitHuman | Execute | Plan,
+        now: datetime,
+        planner_kind: str,
+    ) -> tuple[RunSnapshot, PlanRequest | None] | None:
+        """Inside the claim transaction: settle quick actions, or mark slow work begun."""
+        owner = Guard(owner=self.worker_id, tick=run.tick)
+        match action:
+            case Fail():
+                self._save(tx, run, fail(action.reason), guard=owner, now=now)
+                return None
+            case AwaitHuman():
+                self._save(tx, run, pause(run, action), guard=owner, now=now)
+                return None
+            case Execute():
+                began = begin_step(run, action)
+                timeout = self._step_timeout(run, run.step(action.step_id), now)
+                self._save(
+                    tx,
+                    run,
+                    began,
+                    guard=owner,
+                    now=now,
+                    lease_until=now + timedelta(seconds=timeout + self.lease_grace),
+                )
+                return apply_transition(run, began), None
+            case Plan():
+                request = self._plan_request(tx, run, action)
+                lease = self.llm_timeout * (run.config.max_plan_repairs + 1) + self.lease_grace
+                tx.apply(
+                    run,
+                    Transition(),
+                    guard=owner,
+                    now=now,
+                    next_run_at=None,
+                    lease_until=now + timedelta(seconds=lease),
+                )
+                return run, request
+
+    def _finish(
+        self, run: RunSnapshot, action: Execute | Plan, outcome: StepOutcome | PlanOutcome
+    ) -> None:
+        now = self.clock()
+        jitter = self.jitter()
+        if isinstance(action, Execute) and isinstance(outcome, StepSucceeded | StepFailed):
+            transition = fold_step(run, run.step(action.step_id), outcome, jitter_sample=jitter)
+        elif isinstance(action, Plan) and not isinstance(outcome, StepSucceeded | StepFailed):
+            transition = fold_plan(run, action, outcome, jitter_sample=jitter)
+        else:
+            raise TypeError(f"outcome {type(outcome).__name__} does not answer {action.type}")
+        with self.store.transaction() as tx:
+            saved = self._save(
+                tx, run, transition, guard=Guard(owner=self.worker_id, tick=run.tick), now=now
+            )
+            if not saved:
+                tx.insert_events(
+                    run.id,
+                    run.iteration,
+                    [
+                        _error_event(
+                            f"result of iteration {run.iteration} discarded: the run was "
+                            "cancelled or its lease expired while the work ran"
+                        )
+                    ],
+                    now,
+                )
+        if saved and transition.delay is not None:
+            self.dispatcher.enqueue(run.id, run.tick, transition.delay)
+
+    def _save(
+        self,
+        tx: Tx,
+        run: RunSnapshot,
+        transition: Transition,
+        *,
+        guard: Guard,
+        now: datetime,
+        lease_until: datetime | None = None,
+    ) -> bool:
+        secrets = secret_values({**run.context, **transition.context_updates}, run.steps)
+        events = [
+            e.model_copy(
+                update={"message": redact(e.message, secrets), "data": redact(e.data, secrets)}
+            )
+            for e in transition.events
+        ]
+        next_run_at = (
+            None if transition.delay is None else now + timedelta(seconds=transition.delay)
+        )
+        if lease_until is not None:
+            next_run_at = None
+        written = tx.apply(
+            run,
+            transition.model_copy(update={"events": events}),
+            guard=guard,
+            now=now,
+            next_run_at=next_run_at,
+            lease_until=lease_until,
+        )
+        return written is not None
+
+    # --- slow work (no transaction open) ----------------------------------------------
+
+    def _step_timeout(self, run: RunSnapshot, step: Step, now: datetime) -> float:
+        """The tool's own timeout, but never past the run's deadline."""
+        remaining = (run.deadline - now).total_seconds()
+        own = self.tools.get(step.tool).timeout if step.tool in self.tools else 60.0
+        return max(1.0, min(own, remaining))
+
+    def _execute(self, run: RunSnapshot, step: Step) -> StepOutcome:
+        try:
+            tool = self.tools.get(step.tool)
+        except UnknownTool as exc:
+            return StepFailed(error=str(exc.args[0]), error_class=ErrorClass.PERMANENT)
+        workspace = self.workspaces / run.id
+        workspace.mkdir(parents=True, exist_ok=True)
+        ctx = ToolContext(
+            run_id=run.id,
+            step_id=step.id,
+            idempotency_key=step.idempotency_key,
+            workspace=workspace,
+            env=dict(run.context),
+            settings=self.tool_settings,
+        )
+        return run_tool(tool, step.args, ctx, timeout=self._step_timeout(run, step, self.clock()))
+
+    def _plan(self, planner_kind: str, request: PlanRequest) -> PlanOutcome:
+        try:
+            planner = self.planners(planner_kind)
+        except ValueError as exc:
+            return PlannerFatal(error=str(exc))
+        outcome = planner.plan(request, check=self.check_plan)
+        if isinstance(outcome, PlanProduced) and (problems := self.check_plan(outcome.steps)):
+            # Never trust a planner to have validated its own output.
+            return PlanInvalid(
+                error="; ".join(problems),
+                raw=[s.model_dump() for s in outcome.steps],
+                usage=outcome.usage,
+            )
+        return outcome
+
+    def check_plan(self, steps: list[PlannedStep]) -> list[str]:
+        """Problems with proposed steps: unknown tools, arguments that fail validation."""
+        problems: list[str] = []
+        for position, step in enumerate(steps, 1):
+            problems += [
+                f"step {position}: {p}" for p in self.tools.check_args(step.tool, step.args)
+            ]
+        return problems
+
+    def _plan_request(self, tx: Tx, run: RunSnapshot, action: Plan) -> PlanRequest:
+        """What the planner is told; bounded whatever the run's length."""
+        row = tx.get_run(run.id)
+        recent = tx.recent_events(run.id, RECENT_EVENTS)
+        summary = self._fold_memory(tx, row, recent)
+        positions = {s.id: s.position for s in tx.all_steps(run.id)} if recent else {}
+        return PlanRequest(
+            run_id=run.id,
+            task=run.task,
+            purpose=action.purpose,
+            config=run.config,
+            tools=[
+                ToolSpec(**t.spec(), requires_approval=t.requires_approval, idempotent=t.idempotent)
+                for t in self.tools
+            ],
+            failure=action.failure,
+            completed=[_step_view(s) for s in tx.completed_steps(run.id)],
+            current_plan=[_step_view(s) for s in run.steps],
+            recent_events=[_event_view(e, positions) for e in recent],
+            memory_summary=summary,
+            context_keys=sorted(run.context),
+            secrets=secret_values(run.context, run.steps),
+        )
+
+    def _fold_memory(self, tx: Tx, row: Row[Any], recent: list[Row[Any]]) -> str:
+        """Fold events older than the recent window into the run's running summary."""
+        from app.planner.prompt import summarize_events
+
+        if not recent:
+            return str(row.memory_summary)
+        older = tx.events_between(
+            row.id,
+            after_id=row.summarized_through,
+            before_id=recent[0].id,
+            limit=SUMMARY_FOLD_LIMIT,
+        )
+        if not older:
+            return str(row.memory_summary)
+        summary = summarize_events(
+            row.memory_summary, [_event_view(e, {}) for e in older], max_chars=4000
+        )
+        tx.save_memory_summary(row.id, summary, older[-1].id)
+        return summary
+
+    # --- people -------------------------------------------------------------------------
+
+    def approve(
+        self,
+        run_id: str,
+        *,
+        by: str,
+        args: Mapping[str, Any] | None = None,
+        comment: str = "",
+        approval_id: str | None = None,
+    ) -> None:
+        """Approve the paused step (optionally with edited args). Raises NotFound, Conflict,
+        InvalidInput."""
+        self.decide(
+            run_id,
+            Decision.APPROVE,
+            by=by,
+            comment=comment,
+            edited_args=args,
+            approval_id=approval_id,
+        )
+
+    def reject(self, run_id: str, *, by: str, reason: str, approval_id: str | None = None) -> None:
+        if not reason.strip():
+            raise InvalidInput("a rejection needs a reason: the agent re-plans around it")
+        self.decide(run_id, Decision.REJECT, by=by, comment=reason, approval_id=approval_id)
+
+    def decide(
+        self,
+        run_id: str,
+        decision: Decision,
+        *,
+        by: str,
+        comment: str = "",
+        edited_args: Mapping[str, Any] | None = None,
+        approval_id: str | None = None,
+    ) -> None:
+        """Record a person's decision on a paused run, exactly once, and resume it."""
+        now = self.clock()
+        with self.store.transaction() as tx:
+            row = tx.get_run(run_id)
+            pending = tx.get_approval(approval_id) if approval_id else tx.pending_approval(run_id)
+            if pending is None or pending.run_id != run_id or pending.status != "pending":
+                raise Conflict(self._why_not_pending(row, pending))
+            kind = PauseKind(pending.kind)
+            if decision not in DECISIONS_FOR[kind]:
+                allowed = ", ".join(sorted(DECISIONS_FOR[kind]))
+                raise InvalidInput(f"this pause ({kind}) takes one of: {allowed}")
+            step = tx.get_step(pending.step_id)
+            if edited_args is not None and (
+                problems := self.tools.check_args(step.tool, edited_args)
+            ):
+                raise InvalidInput("edited args are invalid: " + "; ".join(problems))
+            decided = tx.decide_approval(
+                pending.id,
+                decision=decision,
+                by=by,
+                comment=comment,
+                edited_args=dict(edited_args) if edited_args is not None else None,
+                now=now,
+            )
+            if decided is None:
+                raise Conflict("this approval was already decided")
+            transition = fold_decision(
+                step,
+                kind,
+                decision,
+                by=by,
+                reason=comment,
+                edited_args=dict(edited_args) if edited_args else None,
+            )
+            run = snapshot_from_row(row, [step])
+            tick = tx.apply(
+                run, transition, guard=Guard(status=RunStatus.PAUSED), now=now, next_run_at=now
+            )
+            if tick is None:
+                raise Conflict(f"run {run_id} is no longer paused")
+        self.dispatcher.enqueue(run_id, tick, 0)
+
+    @staticmethod
+    def _why_not_pending(row: Row[Any], approval: Row[Any] | None) -> str:
+        if approval is not None and approval.status == "decided":
+            return (
+                f"already decided: {approval.decision} by {approval.decided_by} "
+                f"at {approval.decided_at:%Y-%m-%d %H:%M:%S} UTC"
+            )
+        if approval is not None and approval.status != "pending":
+            return f"this approval is {approval.status}"
+        return f"run {row.id} is {row.status}, not waiting for a decision"
+
+    def cancel(self, run_id: str, *, by: str) -> None:
+        """Cancel a queued, running or paused run. Raises NotFound, Conflict."""
+        now = self.clock()
+        with self.store.transaction() as tx:
+            row = tx.get_run(run_id)
+            active = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.PAUSED)
+            if (
+                tx.set_status(
+                    run_id,
+                    RunStatus.CANCELLED,
+                    error=f"cancelled by {by}",
+                    now=now,
+                    only_from=active,
+                )
+                is None
+            ):
+                raise Conflict(f"run {run_id} is {row.status}; only an active run can be cancelled")
+            tx.close_approvals(run_id, "cancelled")
+            tx.insert_events(run_id, row.iteration, [_status_event(f"run cancelled by {by}")], now)
+
+    # --- reading ----------------------------------------------------------------------
+
+    def status(self, run_id: str, *, after_event: int = 0) -> RunView:
+        """The run, all its steps and its events after `after_event`. Raises NotFound."""
+        with self.store.transaction() as tx:
+            return RunView(
+                run=tx.get_run(run_id),
+                steps=tx.all_steps(run_id),
+                events=tx.events_after(run_id, after_event, limit=10_000),
+                pending_approval=tx.pending_approval(run_id),
+            )
+
+    # --- healing --------------------------------------------------------------------
+
+    def sweep(self) -> int:
+        """Re-enqueue active runs whose message was lost; returns how many."""
+        now = self.clock()
+        with self.store.transaction() as tx:
+            due = tx.due_runs(before=now - timedelta(seconds=self.sweep_grace), now=now)
+        for row in due:
+            self.dispatcher.enqueue(row.id, row.tick, 0)
+        if due:
+            log.info("sweep re-enqueued %d run(s)", len(due))
+        return len(due)
+
+    def fail_on_internal_error(self, run_id: str, error: BaseException) -> None:
+        """Record an unexpected error and fail the run, so no run is left silently stuck."""
+        now = self.clock()
+        reason = f"internal error: {type(error).__name__}: {error}"
+        with self.store.transaction() as tx:
+            row = tx.get_run(run_id)
+            if (
+                tx.set_status(
+                    run_id,
+                    RunStatus.FAILED,
+                    error=reason,
+                    now=now,
+                    only_from=(RunStatus.QUEUED, RunStatus.RUNNING),
+                )
+                is not None
+            ):
+                tx.insert_events(run_id, row.iteration, [_error_event(reason)], now)
+
+
+def _status_event(message: str) -> NewEvent:
+    return NewEvent(kind=EventKind.STATUS, message=message)
+
+
+def _error_event(message: str) -> NewEvent:
+    return NewEvent(kind=EventKind.ERROR, message=message)
+
+
+def _step_view(step: Step) -> StepView:
+    return StepView(
+        position=step.position,
+        plan_version=step.plan_version,
+        description=step.description,
+        tool=step.tool,
+        args=step.args,
+        status=step.status,
+        result=step.result,
+        error=step.error,
+    )
+
+
+def _event_view(row: Row[Any], positions: Mapping[int, int]) -> EventView:
+    return EventView(
+        id=row.id,
+        kind=row.kind,
+        message=row.message,
+        step_position=positions.get(row.step_id) if row.step_id is not None else None,
+        created_at=row.created_at,
+        data=row.data or {},
+    )

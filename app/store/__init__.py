@@ -1,0 +1,1 @@
+"""Persistence: the schema, the migrations, and every SQL statement (repo.py)."""

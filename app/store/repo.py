@@ -1,0 +1,537 @@
+"""Every SQL statement agentloop runs, and its transaction boundaries.
+
+Concurrency rests on three conditional UPDATEs, portable to SQLite:
+- claim: a message's tick must match the run's, the run must be active, due
+  and unleased; the claim bumps the tick, so a duplicate message is stale.
+- save: an iteration's result is written only while its lease is held.
+- decide: an approval row leaves `pending` exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from secrets import token_hex
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.engine.actions import HumanRequest, NewEvent, StepUpdate, Transition
+from app.engine.models import (
+    ACTIVE_STATUSES,
+    RunConfig,
+    RunSnapshot,
+    RunStatus,
+    Step,
+    StepStatus,
+    idempotency_key,
+)
+from app.store.schema import approvals, events, runs, steps
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached; the message names the URL and what to do."""
+
+
+class NotFound(LookupError):
+    pass
+
+
+def make_engine(url: str) -> Engine:
+    """An Engine for `url`; SQLite gets WAL and a busy timeout so a worker and a
+    reader (the demo, the web app) can share the file."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The condition under which a transition may be written to a run."""
+
+    owner: str | None = None  # the lease holder, for a worker's iteration
+    tick: int | None = None
+    status: RunStatus | None = None  # for decisions on a paused run
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def check(self, shown_url: str) -> None:
+        """Raise StoreUnavailable unless the database answers and has the schema."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+                conn.execute(select(runs.c.id).limit(1))
+        except SQLAlchemyError as exc:
+            cause = getattr(exc, "orig", None) or exc
+            reason = (str(cause).strip().splitlines() or [type(exc).__name__])[0]
+            raise StoreUnavailable(
+                f"cannot use the database at {shown_url}: {reason}. Start it, set "
+                "DATABASE_URL, or run `agentloop db upgrade` to create the schema."
+            ) from None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        with self.engine.begin() as conn:
+            yield Tx(conn)
+
+
+class Tx:
+    """One open transaction. Methods are the statements; the caller commits by leaving."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    # --- runs -----------------------------------------------------------------------
+
+    def insert_run(
+        self,
+        *,
+        run_id: str,
+        task: str,
+        planner: str,
+        config: RunConfig,
+        deadline: datetime,
+        now: datetime,
+        created_by: str | None,
+    ) -> None:
+        self.conn.execute(
+            insert(runs).values(
+                id=run_id,
+                task=task,
+                status=RunStatus.QUEUED,
+                planner=planner,
+                config=config.model_dump(mode="json"),
+                context={},
+                iteration=0,
+                tick=0,
+                plan_version=0,
+                replans=0,
+                planner_failures=0,
+                deadline=deadline,
+                next_run_at=now,
+                tokens_total=0,
+                cost_usd=0.0,
+                memory_summary="",
+                summarized_through=0,
+                created_by=created_by,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+
+    def claim(
+        self, run_id: str, *, tick: int, owner: str, lease_until: datetime, now: datetime
+    ) -> Row[Any] | None:
+        """Take the run for one iteration, or None if the message is stale, the run
+        is not active, not yet due, or leased to a live worker."""
+        result = self.conn.execute(
+            update(runs)
+            .where(
+                runs.c.id == run_id,
+                runs.c.tick == tick,
+                runs.c.status.in_(ACTIVE_STATUSES),
+                or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now),
+                or_(runs.c.next_run_at.is_(None), runs.c.next_run_at <= now),
+            )
+            .values(
+                tick=runs.c.tick + 1,
+                iteration=runs.c.iteration + 1,
+                status=RunStatus.RUNNING,
+                lease_owner=owner,
+                lease_expires_at=lease_until,
+                started_at=func.coalesce(runs.c.started_at, now),
+                updated_at=now,
+            )
+            .returning(*runs.c)
+        )
+        return result.first()
+
+    def get_run(self, run_id: str) -> Row[Any]:
+        row = self.conn.execute(select(runs).where(runs.c.id == run_id)).first()
+        if row is None:
+            raise NotFound(f"no run with id {run_id!r}")
+        return row
+
+    def list_runs(
+        self, *, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[Row[Any]]:
+        query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id).limit(limit)
+        if status:
+            query = query.where(runs.c.status == status)
+        return list(self.conn.execute(query.offset(offset)))
+
+    def count_runs(self, *, status: str | None = None) -> int:
+        query = select(func.count()).select_from(runs)
+        if status:
+            query = query.where(runs.c.status == status)
+        return int(self.conn.execute(query).scalar_one())
+
+    def due_runs(self, *, before: datetime, now: datetime, limit: int = 500) -> list[Row[Any]]:
+        """Active, unleased runs that should have been advanced before `before`:
+        their message was lost (broker restart, crash between commit and publish)."""
+        return list(
+            self.conn.execute(
+                select(runs.c.id, runs.c.tick)
+                .where(
+                    runs.c.status.in_(ACTIVE_STATUSES),
+                    or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now),
+                    or_(runs.c.next_run_at.is_(None), runs.c.next_run_at < before),
+                )
+                .order_by(runs.c.next_run_at)
+                .limit(limit)
+            )
+        )
+
+    def apply(
+        self,
+        run: RunSnapshot,
+        transition: Transition,
+        *,
+        guard: Guard,
+        now: datetime,
+        next_run_at: datetime | None,
+        lease_until: datetime | None = None,
+    ) -> int | None:
+        """Write `transition`; returns the run's tick, or None (nothing written) when
+        the guard no longer holds — the lease was lost or the run changed state."""
+        tick = self._update_run(run, transition, guard, now, next_run_at, lease_until)
+        if tick is None:
+            return None
+        for step_update in transition.step_updates:
+            self._update_step(run.id, step_update, now)
+        if transition.new_steps:
+            self._insert_steps(run, transition, now)
+        if transition.human_request is not None:
+            self.open_approval(run.id, transition.human_request, now)
+        self.insert_events(run.id, run.iteration, transition.events, now)
+        return tick
+
+    def _update_run(
+        self,
+        run: RunSnapshot,
+        t: Transition,
+        guard: Guard,
+        now: datetime,
+        next_run_at: datetime | None,
+        lease_until: datetime | None,
+    ) -> int | None:
+        values: dict[str, Any] = {"updated_at": now, "next_run_at": next_run_at}
+        if lease_until is not None:
+            values["lease_expires_at"] = lease_until
+        else:
+            values.update(lease_owner=None, lease_expires_at=None)
+        if t.status is not None:
+            values["status"] = t.status
+            if t.status.is_terminal:
+                values["finished_at"] = now
+        if t.new_plan_version is not None:
+            values["plan_version"] = t.new_plan_version
+        if t.replans_delta:
+            values["replans"] = runs.c.replans + t.replans_delta
+        if t.planner_failures is not None:
+            values["planner_failures"] = t.planner_failures
+        if t.context_updates:
+            values["context"] = {**run.context, **t.context_updates}
+        if t.tokens_delta:
+            values["tokens_total"] = runs.c.tokens_total + t.tokens_delta
+        if t.cost_delta:
+            values["cost_usd"] = runs.c.cost_usd + t.cost_delta
+        if t.report is not None:
+            values["report"] = t.report
+        if t.error is not None:
+            values["error"] = t.error
+        query = update(runs).where(runs.c.id == run.id).values(**values).returning(runs.c.tick)
+        if guard.owner is not None:
+            query = query.where(
+                runs.c.lease_owner == guard.owner, runs.c.status == RunStatus.RUNNING
+            )
+        if guard.tick is not None:
+            query = query.where(runs.c.tick == guard.tick)
+        if guard.status is not None:
+            query = query.where(runs.c.status == guard.status)
+        if t.status is RunStatus.RUNNING and guard.status is RunStatus.PAUSED:
+            # Resuming a paused run: a new tick makes any message still in flight stale.
+            query = query.values(tick=runs.c.tick + 1)
+        tick = self.conn.execute(query).scalar_one_or_none()
+        return None if tick is None else int(tick)
+
+    def set_status(
+        self,
+        run_id: str,
+        status: RunStatus,
+        *,
+        error: str | None,
+        now: datetime,
+        only_from: Sequence[RunStatus],
+    ) -> int | None:
+        """Force a status (cancel, internal failure); returns the new tick or None."""
+        values: dict[str, Any] = {
+            "status": status,
+            "tick": runs.c.tick + 1,
+            "updated_at": now,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        if status.is_terminal:
+            values["finished_at"] = now
+        if error is not None:
+            values["error"] = error
+        tick = self.conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id, runs.c.status.in_(only_from))
+            .values(**values)
+            .returning(runs.c.tick)
+        ).scalar_one_or_none()
+        return None if tick is None else int(tick)
+
+    def save_memory_summary(self, run_id: str, summary: str, through: int) -> None:
+        self.conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id)
+            .values(memory_summary=summary, summarized_through=through)
+        )
+
+    # --- steps ----------------------------------------------------------------------
+
+    def plan_steps(self, run_id: str, plan_version: int) -> list[Step]:
+        rows = self.conn.execute(
+            select(steps)
+            .where(steps.c.run_id == run_id, steps.c.plan_version == plan_version)
+            .order_by(steps.c.position)
+        )
+        return [step_from_row(row) for row in rows]
+
+    def all_steps(self, run_id: str) -> list[Step]:
+        rows = self.conn.execute(
+            select(steps).where(steps.c.run_id == run_id).order_by(steps.c.position)
+        )
+        return [step_from_row(row) for row in rows]
+
+    def completed_steps(self, run_id: str) -> list[Step]:
+        rows = self.conn.execute(
+            select(steps)
+            .where(steps.c.run_id == run_id, steps.c.status == StepStatus.COMPLETED)
+            .order_by(steps.c.position)
+        )
+        return [step_from_row(row) for row in rows]
+
+    def get_step(self, step_id: int) -> Step:
+        row = self.conn.execute(select(steps).where(steps.c.id == step_id)).first()
+        if row is None:
+            raise NotFound(f"no step with id {step_id}")
+        return step_from_row(row)
+
+    def _update_step(self, run_id: str, u: StepUpdate, now: datetime) -> None:
+        values: dict[str, Any] = {"updated_at": now}
+        for field in ("status", "attempts", "error_class", "args", "approved_args_hash"):
+            value = getattr(u, field)
+            if value is not None:
+                values[field] = value
+        if u.set_result:
+            values["result"] = u.result
+        if u.set_error:
+            values["error"] = u.error
+        self.conn.execute(
+            update(steps).where(steps.c.id == u.step_id, steps.c.run_id == run_id).values(**values)
+        )
+
+    def _insert_steps(self, run: RunSnapshot, t: Transition, now: datetime) -> None:
+        assert t.new_plan_version is not None
+        last = self.conn.execute(
+            select(func.coalesce(func.max(steps.c.position), 0)).where(steps.c.run_id == run.id)
+        ).scalar_one()
+        rows = [
+            {
+                "run_id": run.id,
+                "plan_version": t.new_plan_version,
+                "position": last + i,
+                "description": planned.description,
+                "tool": planned.tool,
+                "args": planned.args,
+                "status": StepStatus.PENDING,
+                "attempts": 0,
+                "idempotency_key": idempotency_key(run.id, t.new_plan_version, last + i),
+                "created_at": now,
+                "updated_at": now,
+            }
+            for i, planned in enumerate(t.new_steps, 1)
+        ]
+        self.conn.execute(insert(steps), rows)
+
+    # --- events ---------------------------------------------------------------------
+
+    def insert_events(
+        self, run_id: str, iteration: int, new_events: Sequence[NewEvent], now: datetime
+    ) -> None:
+        if not new_events:
+            return
+        self.conn.execute(
+            insert(events),
+            [
+                {
+                    "run_id": run_id,
+                    "iteration": iteration,
+                    "step_id": e.step_id,
+                    "kind": e.kind,
+                    "message": e.message,
+                    "data": e.data,
+                    "created_at": now,
+                }
+                for e in new_events
+            ],
+        )
+
+    def events_after(self, run_id: str, after_id: int = 0, limit: int = 500) -> list[Row[Any]]:
+        return list(
+            self.conn.execute(
+                select(events)
+                .where(events.c.run_id == run_id, events.c.id > after_id)
+                .order_by(events.c.id)
+                .limit(limit)
+            )
+        )
+
+    def recent_events(self, run_id: str, limit: int) -> list[Row[Any]]:
+        rows = self.conn.execute(
+            select(events)
+            .where(events.c.run_id == run_id)
+            .order_by(events.c.id.desc())
+            .limit(limit)
+        )
+        return list(reversed(list(rows)))
+
+    def events_between(
+        self, run_id: str, *, after_id: int, before_id: int, limit: int
+    ) -> list[Row[Any]]:
+        return list(
+            self.conn.execute(
+                select(events)
+                .where(events.c.run_id == run_id, events.c.id > after_id, events.c.id < before_id)
+                .order_by(events.c.id)
+                .limit(limit)
+            )
+        )
+
+    # --- approvals ------------------------------------------------------------------
+
+    def open_approval(self, run_id: str, request: HumanRequest, now: datetime) -> None:
+        self.conn.execute(
+            insert(approvals).values(
+                id=token_hex(16),
+                run_id=run_id,
+                step_id=request.step_id,
+                kind=request.kind,
+                status="pending",
+                reason=request.reason,
+                args_hash=request.args_hash,
+                notified=False,
+                created_at=now,
+            )
+        )
+
+    def pending_approval(self, run_id: str) -> Row[Any] | None:
+        return self.conn.execute(
+            select(approvals).where(approvals.c.run_id == run_id, approvals.c.status == "pending")
+        ).first()
+
+    def get_approval(self, approval_id: str) -> Row[Any] | None:
+        return self.conn.execute(select(approvals).where(approvals.c.id == approval_id)).first()
+
+    def decide_approval(
+        self,
+        approval_id: str,
+        *,
+        decision: str,
+        by: str,
+        comment: str,
+        edited_args: dict[str, Any] | None,
+        now: datetime,
+    ) -> Row[Any] | None:
+        """Move a pending approval to decided, exactly once; None if it was not pending."""
+        return self.conn.execute(
+            update(approvals)
+            .where(approvals.c.id == approval_id, approvals.c.status == "pending")
+            .values(
+                status="decided",
+                decision=decision,
+                decided_by=by,
+                decided_at=now,
+                comment=comment,
+                edited_args=edited_args,
+            )
+            .returning(*approvals.c)
+        ).first()
+
+    def close_approvals(self, run_id: str, status: str) -> None:
+        self.conn.execute(
+            update(approvals)
+            .where(approvals.c.run_id == run_id, approvals.c.status == "pending")
+            .values(status=status)
+        )
+
+
+def step_from_row(row: Row[Any]) -> Step:
+    return Step.model_validate(
+        {
+            "id": row.id,
+            "plan_version": row.plan_version,
+            "position": row.position,
+            "description": row.description,
+            "tool": row.tool,
+            "args": row.args,
+            "status": row.status,
+            "attempts": row.attempts,
+            "result": row.result,
+            "error": row.error,
+            "error_class": row.error_class,
+            "approved_args_hash": row.approved_args_hash,
+            "idempotency_key": row.idempotency_key,
+        }
+    )
+
+
+def snapshot_from_row(row: Row[Any], plan: list[Step]) -> RunSnapshot:
+    return RunSnapshot(
+        id=row.id,
+        task=row.task,
+        status=RunStatus(row.status),
+        config=RunConfig.model_validate(row.config),
+        iteration=row.iteration,
+        tick=row.tick,
+        plan_version=row.plan_version,
+        replans=row.replans,
+        planner_failures=row.planner_failures,
+        context=row.context or {},
+        deadline=row.deadline,
+        tokens_total=row.tokens_total,
+        cost_usd=row.cost_usd,
+        steps=plan,
+    )

@@ -1,0 +1,1 @@
+"""Tools the agent can call: a registry, built-ins, the demo tools."""

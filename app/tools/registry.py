@@ -1,0 +1,290 @@
+"""The tool registry: a tool is a function with a pydantic argument model.
+
+The argument model's JSON schema is what a planner sees; its validation is
+what protects a tool from a planner's bad arguments. Flags (approval,
+idempotency, timeout) belong to the tool, not to the plan.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from app.engine.actions import StepFailed, StepOutcome, StepSucceeded
+from app.engine.models import ErrorClass, ToolPolicy
+
+MAX_RESULT_BYTES = 32_000
+
+
+class ToolError(Exception):
+    """Raised by a tool to say what failed and who must act on it."""
+
+    def __init__(self, message: str, error_class: ErrorClass = ErrorClass.PERMANENT) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class ToolTimeout(TimeoutError):
+    """The tool ran past its timeout and was interrupted."""
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool may see of the run it works for."""
+
+    run_id: str
+    step_id: int
+    idempotency_key: str
+    workspace: Path
+    env: Mapping[str, str]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """A tool's answer: a JSON-able result, a one-line summary, context to set."""
+
+    result: Any = None
+    summary: str = ""
+    context_updates: Mapping[str, str] = field(default_factory=dict)
+
+
+ToolFn = Callable[[Any, ToolContext], ToolResult]
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    args_model: type[BaseModel]
+    fn: ToolFn
+    requires_approval: bool = False
+    idempotent: bool = False
+    timeout: float = 60.0
+    # A few words for an approval prompt, e.g. "deploy to staging".
+    summarize: Callable[[Mapping[str, Any]], str] | None = None
+
+    @property
+    def policy(self) -> ToolPolicy:
+        return ToolPolicy(
+            requires_approval=self.requires_approval,
+            idempotent=self.idempotent,
+            timeout=self.timeout,
+        )
+
+    def spec(self) -> dict[str, Any]:
+        """The tool as a planner sees it (Anthropic tool-definition shape)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "input_schema": self.args_model.model_json_schema(),
+        }
+
+    def describe_call(self, args: Mapping[str, Any]) -> str:
+        if self.summarize is not None:
+            return self.summarize(args)
+        shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
+        return f"{self.name}({shown})"
+
+
+class UnknownTool(KeyError):
+    pass
+
+
+class ToolRegistry:
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        for tool in tools:
+            self.register(tool)
+
+    def register(self, tool: Tool) -> None:
+        if tool.name in self._tools:
+            raise ValueError(f"tool {tool.name!r} is registered twice")
+        self._tools[tool.name] = tool
+
+    def get(self, name: str) -> Tool:
+        try:
+            return self._tools[name]
+        except KeyError:
+            known = ", ".join(sorted(self._tools))
+            raise UnknownTool(f"unknown tool {name!r}; known tools: {known}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def __iter__(self) -> Any:
+        return iter(self._tools.values())
+
+    def policies(self) -> dict[str, ToolPolicy]:
+        return {name: tool.policy for name, tool in self._tools.items()}
+
+    def specs(self) -> list[dict[str, Any]]:
+        return [tool.spec() for tool in self._tools.values()]
+
+    def check_args(self, name: str, args: Mapping[str, Any]) -> list[str]:
+        """Problems with a call of `name` with `args`; empty when it is valid."""
+        try:
+            tool = self.get(name)
+        except UnknownTool as exc:
+            return [str(exc.args[0])]
+        try:
+            tool.args_model.model_validate(dict(args))
+        except ValidationError as exc:
+            return [f"{name}: {_validation_message(exc)}"]
+        return []
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'args'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def tool(
+    *,
+    name: str,
+    description: str,
+    args: type[BaseModel],
+    requires_approval: bool = False,
+    idempotent: bool = False,
+    timeout: float = 60.0,
+    summarize: Callable[[Mapping[str, Any]], str] | None = None,
+) -> Callable[[ToolFn], Tool]:
+    """Decorator that turns `fn(args, ctx) -> ToolResult` into a Tool."""
+
+    def wrap(fn: ToolFn) -> Tool:
+        return Tool(
+            name=name,
+            description=description,
+            args_model=args,
+            fn=fn,
+            requires_approval=requires_approval,
+            idempotent=idempotent,
+            timeout=timeout,
+            summarize=summarize,
+        )
+
+    return wrap
+
+
+def load_registry(modules: Iterable[str]) -> ToolRegistry:
+    """Tools from each module's `TOOLS` list, e.g. `app.tools.builtin`.
+
+    Raises ValueError naming the module when one cannot be imported or has no TOOLS.
+    """
+    registry = ToolRegistry()
+    for module_path in modules:
+        try:
+            module = importlib.import_module(module_path)
+        except ImportError as exc:
+            raise ValueError(f"cannot import tool module {module_path!r}: {exc}") from exc
+        tools = getattr(module, "TOOLS", None)
+        if not isinstance(tools, list | tuple):
+            raise ValueError(f"tool module {module_path!r} has no TOOLS list")
+        for item in tools:
+            registry.register(item)
+    return registry
+
+
+# --- running a tool ---------------------------------------------------------------
+
+
+def run_tool(
+    tool: Tool, args: Mapping[str, Any], ctx: ToolContext, *, timeout: float
+) -> StepOutcome:
+    """Validate, run under a timeout, and classify the outcome. Never raises for tool errors."""
+    try:
+        parsed = tool.args_model.model_validate(dict(args))
+    except ValidationError as exc:
+        return StepFailed(
+            error=f"invalid arguments for {tool.name}: {_validation_message(exc)}",
+            error_class=ErrorClass.PERMANENT,
+        )
+    try:
+        answer = _call_with_timeout(tool.fn, parsed, ctx, timeout=timeout)
+    except ToolError as exc:
+        return StepFailed(error=str(exc), error_class=exc.error_class)
+    except ToolTimeout:
+        return StepFailed(
+            error=f"{tool.name} timed out after {timeout:g} s", error_class=ErrorClass.TRANSIENT
+        )
+    except (TimeoutError, ConnectionError) as exc:
+        return StepFailed(error=f"{type(exc).__name__}: {exc}", error_class=ErrorClass.TRANSIENT)
+    except Exception as exc:  # a tool's bug is a failed step the planner can route around
+        return StepFailed(error=f"{type(exc).__name__}: {exc}", error_class=ErrorClass.PERMANENT)
+    return StepSucceeded(
+        result=cap_result(answer.result),
+        summary=answer.summary,
+        context_updates=dict(answer.context_updates),
+    )
+
+
+def cap_result(result: Any, limit: int = MAX_RESULT_BYTES) -> Any:
+    """Keep stored results bounded: oversize results become a marked preview."""
+    encoded = json.dumps(result, default=str)
+    if len(encoded) <= limit:
+        return json.loads(encoded)
+    return {
+        "truncated": True,
+        "bytes": len(encoded),
+        "preview": encoded[:limit],
+        "note": f"result truncated to {limit} of {len(encoded)} bytes",
+    }
+
+
+def _call_with_timeout(
+    fn: ToolFn, args: BaseModel, ctx: ToolContext, *, timeout: float
+) -> ToolResult:
+    """Run fn, interrupting it after `timeout` seconds.
+
+    In the main thread (Celery's prefork and solo pools run tasks there) a
+    SIGALRM timer raises ToolTimeout inside the tool, even in a blocking call.
+    Elsewhere the tool runs in a daemon thread that is abandoned on timeout.
+    """
+    if threading.current_thread() is threading.main_thread():
+        return _call_with_alarm(fn, args, ctx, timeout=timeout)
+    return _call_in_thread(fn, args, ctx, timeout=timeout)
+
+
+def _call_with_alarm(
+    fn: ToolFn, args: BaseModel, ctx: ToolContext, *, timeout: float
+) -> ToolResult:
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise ToolTimeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        return fn(args, ctx)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _call_in_thread(fn: ToolFn, args: BaseModel, ctx: ToolContext, *, timeout: float) -> ToolResult:
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(args, ctx)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name=f"tool-{ctx.step_id}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise ToolTimeout()
+    if "error" in box:
+        raise box["error"]
+    result: ToolResult = box["result"]
+    return result

@@ -1,0 +1,39 @@
+"""The composition root: builds the service from settings. Nothing runs at import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.config import Settings
+from app.planner.factory import PlannerFactory, default_planner_kind
+from app.service import AgentService, Dispatcher
+from app.store.repo import Store, make_engine
+from app.tools.registry import load_registry
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+
+
+def build_service(settings: Settings, dispatcher: Dispatcher) -> AgentService:
+    """An AgentService wired to the database, tools and planners named in `settings`.
+
+    Raises ValueError when a configured tool module cannot be loaded.
+    """
+    outbox = (settings.data_dir / "outbox").resolve()
+    outbox.mkdir(parents=True, exist_ok=True)
+    return AgentService(
+        store=Store(make_engine(settings.resolved_database_url)),
+        tools=load_registry(settings.all_tool_modules),
+        dispatcher=dispatcher,
+        planners=PlannerFactory(settings),
+        default_planner=default_planner_kind(settings),
+        workspaces=settings.workspaces,
+        tool_settings={
+            "examples_dir": str(EXAMPLES_DIR),
+            "slack_webhook_url": settings.slack_webhook_url,
+            "outbox_dir": str(outbox),
+            "data_dir": str(settings.data_dir.resolve()),
+        },
+        lease_grace=settings.lease_grace,
+        llm_timeout=settings.llm_timeout,
+        sweep_grace=settings.sweep_grace,
+    )

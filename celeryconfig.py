@@ -1,0 +1,45 @@
+"""Celery settings, derived from agentloop's settings (app/config.py).
+
+At-least-once delivery: a message is acknowledged after its iteration, and
+requeued when the worker child dies; duplicates are harmless because every
+message carries the run's tick. PostgreSQL is the source of truth; a message is
+only a nudge to look at the database.
+"""
+
+from app.config import load_settings
+
+_settings = load_settings()
+
+broker_url = _settings.resolved_broker_url
+broker_connection_retry_on_startup = True
+# Redis redelivers an unacknowledged message after visibility_timeout: every
+# countdown (capped by max_countdown) and every step stays well under it.
+broker_transport_options: dict[str, object] = {
+    "visibility_timeout": _settings.broker_visibility_timeout,
+}
+if _settings.uses_filesystem_broker:
+    # The embedded broker is a pair of folders; kombu expects them to exist.
+    _settings.broker_dir.mkdir(parents=True, exist_ok=True)
+    _folder = str(_settings.broker_dir)
+    broker_transport_options.update(
+        data_folder_in=_folder,
+        data_folder_out=_folder,
+        processed_folder=_folder + "-processed",
+        store_processed=False,
+        polling_interval=_settings.filesystem_polling_interval,
+    )
+
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+task_ignore_result = True
+task_serializer = "json"
+accept_content = ["json"]
+# A hard backstop only: tools enforce their own timeouts well below it.
+task_time_limit = 1800
+worker_hijack_root_logger = False
+worker_cancel_long_running_tasks_on_connection_loss = True
+
+beat_schedule = {
+    "agentloop-sweep": {"task": "agentloop.sweep", "schedule": _settings.sweep_interval},
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Start PostgreSQL and Redis on loopback when they are installed but stopped.
+# Missing services are reported; the tests then fail (CI=true) or skip.
+set -u
+
+if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+  if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+    echo "starting PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+  else
+    echo "PostgreSQL is not installed; database tests will not run" >&2
+  fi
+fi
+
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  if command -v redis-server >/dev/null; then
+    echo "starting Redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no || true
+  else
+    echo "Redis is not installed; broker tests will not run" >&2
+  fi
+fi
+
+for _ in $(seq 1 50); do
+  pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null && redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && exit 0
+  sleep 0.2
+done
+exit 0

@@ -1,0 +1,67 @@
+"""Celery tasks: thin adapters from messages to service calls.
+
+`agentloop.advance(run_id, tick)` is one iteration of one run; it re-enqueues
+itself through the service's dispatcher, with a countdown, after its commit.
+`agentloop.sweep()` (Celery beat) re-enqueues runs whose message was lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+from celery import Celery
+from sqlalchemy.exc import OperationalError
+
+from app.service import AgentService
+
+log = logging.getLogger(__name__)
+
+celery_app = Celery("agentloop")
+celery_app.config_from_object("celeryconfig")
+
+
+class CeleryDispatcher:
+    """Publishes iterations; long waits are capped here and kept in next_run_at."""
+
+    def __init__(self, max_countdown: float) -> None:
+        self.max_countdown = max_countdown
+
+    def enqueue(self, run_id: str, tick: int, delay: float) -> None:
+        countdown = min(delay, self.max_countdown) if delay > 0 else None
+        advance.apply_async(args=(run_id, tick), countdown=countdown)
+
+
+@cache
+def service() -> AgentService:
+    """Built on first use in each worker process; importing this module connects to nothing."""
+    from app.config import load_settings
+    from app.wiring import build_service
+
+    settings = load_settings()
+    return build_service(settings, CeleryDispatcher(settings.max_countdown))
+
+
+@celery_app.task(
+    name="agentloop.advance",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=10,
+)
+def advance(run_id: str, tick: int) -> None:
+    try:
+        service().advance(run_id, tick)
+    except OperationalError:
+        raise  # the database is away: Celery retries this message with backoff
+    except Exception as exc:
+        log.exception("iteration of run %s failed unexpectedly", run_id)
+        service().fail_on_internal_error(run_id, exc)
+        raise
+
+
+@celery_app.task(name="agentloop.sweep", acks_late=True)
+def sweep() -> int:
+    return service().sweep()
