@@ -42,4 +42,8 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 
 beat_schedule = {
     "agentloop-sweep": {"task": "agentloop.sweep", "schedule": _settings.sweep_interval},
+    "agentloop-expire-approvals": {
+        "task": "agentloop.expire_approvals",
+        "schedule": _settings.expire_interval,
+    },
 }

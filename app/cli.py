@@ -58,11 +58,13 @@ def check_broker(settings: Settings) -> None:
 def connect(*, broker: bool = True) -> tuple[Settings, AgentService]:
     """Settings and a service, after checking the database (and broker) answer."""
     from app.wiring import build_service
-    from tasks import CeleryDispatcher
+    from tasks import CeleryDispatcher, CeleryNotifier
 
     settings = load_settings()
     try:
-        service = build_service(settings, CeleryDispatcher(settings.max_countdown))
+        service = build_service(
+            settings, CeleryDispatcher(settings.max_countdown), CeleryNotifier()
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     service.store.check(redact_url(settings.resolved_database_url))

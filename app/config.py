@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,8 @@ class Settings(BaseSettings):
     # Extra tool modules (comma-separated), loaded after the built-ins.
     tool_modules: str = ""
     workspace_root: Path | None = None
+    # Offline planner runbooks; the shipped ones (app/planner/runbooks) when unset.
+    runbooks_dir: Path | None = None
     # How long past a step's timeout a lease is kept before another worker may recover it.
     lease_grace: float = Field(30.0, gt=0, le=3600)
     # Longest countdown handed to the broker; longer waits stay in next_run_at.
@@ -55,6 +58,20 @@ class Settings(BaseSettings):
     llm_timeout: float = Field(120.0, gt=0, le=1800)
     secret_key: str = Field("dev-only-change-me", min_length=8)
     flower_url: str = "http://127.0.0.1:5555"
+    # Where people reach the web app; links in emails and Slack messages start here.
+    base_url: str = "http://127.0.0.1:8000"
+    # Email notifications and approval links; no email is sent while smtp_host is empty.
+    smtp_host: str = ""
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_from: str = "agentloop@localhost"
+    smtp_timeout: float = Field(10.0, gt=0, le=120)
+    # Approvers (comma-separated emails or user names) for runs whose config names none.
+    approvers: str = ""
+    # How long an approval waits (and an approval link stays valid), in seconds.
+    approval_ttl: float = Field(24 * 3600.0, gt=0, le=30 * 24 * 3600)
+    # What the beat task does with an approval nobody decided in time.
+    approval_expiry: Literal["reject", "fail"] = "reject"
+    expire_interval: float = Field(60.0, gt=0, le=3600)
 
     @field_validator("database_url", "broker_url")
     @classmethod
@@ -82,6 +99,10 @@ class Settings(BaseSettings):
     @property
     def workspaces(self) -> Path:
         return (self.workspace_root or self.data_dir / "workspaces").resolve()
+
+    @property
+    def default_approvers(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.approvers.split(",") if a.strip())
 
     @property
     def all_tool_modules(self) -> list[str]:

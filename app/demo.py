@@ -50,7 +50,9 @@ def run_demo(settings: Settings, *, stdin: IO[str] = sys.stdin) -> int:
         flush=True,
     )
     worker = start_worker(settings)
-    print(f"  worker   : celery worker pid {worker.pid} (log: {worker_log(settings)})\n", flush=True)
+    print(
+        f"  worker   : celery worker pid {worker.pid} (log: {worker_log(settings)})\n", flush=True
+    )
     run_id = ""
     try:
         run_id = service.create_run(DEMO_TASK, config=DEMO_CONFIG, created_by="demo")

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from secrets import token_hex
 from typing import Any, Protocol
@@ -41,6 +42,7 @@ from app.engine.apply import apply_transition
 from app.engine.machine import begin_step, decide, fail, fold_decision, fold_plan, fold_step, pause
 from app.engine.models import (
     DECISIONS_FOR,
+    DEFAULT_APPROVAL_REQUIRED,
     MAX_TASK_CHARS,
     Decision,
     ErrorClass,
@@ -54,12 +56,13 @@ from app.engine.models import (
 )
 from app.engine.redact import redact, secret_values
 from app.planner.base import EventView, Planner, PlanRequest, StepView, ToolSpec
+from app.planner.prompt import RECENT_EVENTS, summarize_events
 from app.store.repo import Guard, NotFound, Store, Tx, snapshot_from_row
 from app.tools.registry import ToolContext, ToolRegistry, UnknownTool, run_tool
 
 log = logging.getLogger(__name__)
 
-RECENT_EVENTS = 20
+RECENT_COMPLETED_STEPS = 50
 SUMMARY_FOLD_LIMIT = 500
 
 
@@ -79,6 +82,34 @@ class Dispatcher(Protocol):
     """Publishes 'advance run R at tick T in D seconds'. Called only after commit."""
 
     def enqueue(self, run_id: str, tick: int, delay: float) -> None: ...
+
+
+class Notice(StrEnum):
+    """What people are told about (by email, Slack), after the commit that caused it."""
+
+    APPROVAL_NEEDED = "approval_needed"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class Notifier(Protocol):
+    """Delivers a notice about a run, asynchronously; delivery never fails the run."""
+
+    def notify(self, notice: Notice, run_id: str) -> None: ...
+
+
+def notice_for(transition: Transition) -> Notice | None:
+    match transition.status:
+        case RunStatus.PAUSED:
+            request = transition.human_request
+            approval = request is not None and request.kind is PauseKind.APPROVAL
+            return Notice.APPROVAL_NEEDED if approval else Notice.OUTCOME_UNKNOWN
+        case RunStatus.COMPLETED:
+            return Notice.COMPLETED
+        case RunStatus.FAILED:
+            return Notice.FAILED
+    return None
 
 
 PlannerFactory = Callable[[str], Planner]
@@ -107,6 +138,7 @@ class AgentService:
     store: Store
     tools: ToolRegistry
     dispatcher: Dispatcher
+    notifier: Notifier
     planners: PlannerFactory
     default_planner: str
     workspaces: Path
@@ -134,7 +166,10 @@ class AgentService:
         if len(task) > MAX_TASK_CHARS:
             raise InvalidInput(f"the task is {len(task)} characters; the limit is {MAX_TASK_CHARS}")
         cfg = self._validate_config(config)
-        unknown = sorted(set(cfg.approval_required) - {t.name for t in self.tools})
+        # A misspelt name would leave the real tool unguarded; the defaults may name
+        # tools a deployment does not have.
+        known = {t.name for t in self.tools} | set(DEFAULT_APPROVAL_REQUIRED)
+        unknown = sorted(set(cfg.approval_required) - known)
         if unknown:
             raise InvalidInput(f"approval_required names unknown tools: {', '.join(unknown)}")
         planner = self.default_planner if cfg.planner == "auto" else cfg.planner
@@ -199,8 +234,9 @@ class AgentService:
             run = snapshot_from_row(row, tx.plan_steps(run_id, row.plan_version))
             planner_kind = row.planner
             action = decide(run, now=now, tools=self.tools.policies())
-            prepared = self._prepare(tx, run, action, now, planner_kind)
-        if prepared is None:
+            prepared = self._prepare(tx, row, run, action, now)
+        if isinstance(prepared, Transition):
+            self._after_commit(run.id, run.tick, prepared)
             return
         run, request = prepared
         if isinstance(action, Execute):
@@ -232,20 +268,19 @@ class AgentService:
     def _prepare(
         self,
         tx: Tx,
+        row: Row[Any],
         run: RunSnapshot,
         action: Fail | AwaitHuman | Execute | Plan,
         now: datetime,
-        planner_kind: str,
-    ) -> tuple[RunSnapshot, PlanRequest | None] | None:
-        """Inside the claim transaction: settle quick actions, or mark slow work begun."""
+    ) -> Transition | tuple[RunSnapshot, PlanRequest | None]:
+        """Inside the claim transaction: settle a quick action (returning what it
+        changed), or mark slow work begun (returning what the work needs)."""
         owner = Guard(owner=self.worker_id, tick=run.tick)
         match action:
-            case Fail():
-                self._save(tx, run, fail(action.reason), guard=owner, now=now)
-                return None
-            case AwaitHuman():
-                self._save(tx, run, pause(run, action), guard=owner, now=now)
-                return None
+            case Fail() | AwaitHuman():
+                settled = fail(action.reason) if isinstance(action, Fail) else pause(run, action)
+                self._save(tx, run, settled, guard=owner, now=now)
+                return settled
             case Execute():
                 began = begin_step(run, action)
                 timeout = self._step_timeout(run, run.step(action.step_id), now)
@@ -259,7 +294,7 @@ class AgentService:
                 )
                 return apply_transition(run, began), None
             case Plan():
-                request = self._plan_request(tx, run, action)
+                request = self._plan_request(tx, row, run, action)
                 lease = self.llm_timeout * (run.config.max_plan_repairs + 1) + self.lease_grace
                 tx.apply(
                     run,
@@ -298,8 +333,15 @@ class AgentService:
                     ],
                     now,
                 )
-        if saved and transition.delay is not None:
-            self.dispatcher.enqueue(run.id, run.tick, transition.delay)
+        if saved:
+            self._after_commit(run.id, run.tick, transition)
+
+    def _after_commit(self, run_id: str, tick: int, transition: Transition) -> None:
+        """Publish what a committed transition asks for: the next iteration, a notice."""
+        if transition.delay is not None:
+            self.dispatcher.enqueue(run_id, tick, transition.delay)
+        if notice := notice_for(transition):
+            self.notifier.notify(notice, run_id)
 
     def _save(
         self,
@@ -311,7 +353,9 @@ class AgentService:
         now: datetime,
         lease_until: datetime | None = None,
     ) -> bool:
-        secrets = secret_values({**run.context, **transition.context_updates}, run.steps)
+        secrets = secret_values(
+            {**run.context, **transition.context_updates}, [*run.steps, *transition.new_steps]
+        )
         events = [
             e.model_copy(
                 update={"message": redact(e.message, secrets), "data": redact(e.data, secrets)}
@@ -382,23 +426,21 @@ class AgentService:
             ]
         return problems
 
-    def _plan_request(self, tx: Tx, run: RunSnapshot, action: Plan) -> PlanRequest:
+    def _plan_request(self, tx: Tx, row: Row[Any], run: RunSnapshot, action: Plan) -> PlanRequest:
         """What the planner is told; bounded whatever the run's length."""
-        row = tx.get_run(run.id)
         recent = tx.recent_events(run.id, RECENT_EVENTS)
         summary = self._fold_memory(tx, row, recent)
-        positions = {s.id: s.position for s in tx.all_steps(run.id)} if recent else {}
+        positions = tx.step_positions([e.step_id for e in recent if e.step_id is not None])
         return PlanRequest(
             run_id=run.id,
             task=run.task,
             purpose=action.purpose,
             config=run.config,
-            tools=[
-                ToolSpec(**t.spec(), requires_approval=t.requires_approval, idempotent=t.idempotent)
-                for t in self.tools
-            ],
+            tools=self._tool_specs(),
             failure=action.failure,
-            completed=[_step_view(s) for s in tx.completed_steps(run.id)],
+            completed=[
+                _step_view(s) for s in tx.completed_steps(run.id, limit=RECENT_COMPLETED_STEPS)
+            ],
             current_plan=[_step_view(s) for s in run.steps],
             recent_events=[_event_view(e, positions) for e in recent],
             memory_summary=summary,
@@ -406,10 +448,19 @@ class AgentService:
             secrets=secret_values(run.context, run.steps),
         )
 
+    def _tool_specs(self) -> list[ToolSpec]:
+        policies = self.tools.policies()
+        return [
+            ToolSpec(
+                **spec,
+                requires_approval=policies[spec["name"]].requires_approval,
+                idempotent=policies[spec["name"]].idempotent,
+            )
+            for spec in self.tools.specs()
+        ]
+
     def _fold_memory(self, tx: Tx, row: Row[Any], recent: list[Row[Any]]) -> str:
         """Fold events older than the recent window into the run's running summary."""
-        from app.planner.prompt import summarize_events
-
         if not recent:
             return str(row.memory_summary)
         older = tx.events_between(
@@ -436,6 +487,7 @@ class AgentService:
         args: Mapping[str, Any] | None = None,
         comment: str = "",
         approval_id: str | None = None,
+        channel: str | None = None,
     ) -> None:
         """Approve the paused step (optionally with edited args). Raises NotFound, Conflict,
         InvalidInput."""
@@ -446,12 +498,28 @@ class AgentService:
             comment=comment,
             edited_args=args,
             approval_id=approval_id,
+            channel=channel,
         )
 
-    def reject(self, run_id: str, *, by: str, reason: str, approval_id: str | None = None) -> None:
+    def reject(
+        self,
+        run_id: str,
+        *,
+        by: str,
+        reason: str,
+        approval_id: str | None = None,
+        channel: str | None = None,
+    ) -> None:
         if not reason.strip():
             raise InvalidInput("a rejection needs a reason: the agent re-plans around it")
-        self.decide(run_id, Decision.REJECT, by=by, comment=reason, approval_id=approval_id)
+        self.decide(
+            run_id,
+            Decision.REJECT,
+            by=by,
+            comment=reason,
+            approval_id=approval_id,
+            channel=channel,
+        )
 
     def decide(
         self,
@@ -462,8 +530,11 @@ class AgentService:
         comment: str = "",
         edited_args: Mapping[str, Any] | None = None,
         approval_id: str | None = None,
+        channel: str | None = None,
     ) -> None:
-        """Record a person's decision on a paused run, exactly once, and resume it."""
+        """Record a person's decision on a paused run, exactly once, and resume it.
+
+        `channel` (web, email, api, cli) is kept in the audit event with who decided."""
         now = self.clock()
         with self.store.transaction() as tx:
             row = tx.get_run(run_id)
@@ -497,6 +568,8 @@ class AgentService:
                 reason=comment,
                 edited_args=dict(edited_args) if edited_args else None,
             )
+            if channel:
+                transition = _via(transition, channel)
             run = snapshot_from_row(row, [step])
             tick = tx.apply(
                 run, transition, guard=Guard(status=RunStatus.PAUSED), now=now, next_run_at=now
@@ -567,17 +640,92 @@ class AgentService:
         reason = f"internal error: {type(error).__name__}: {error}"
         with self.store.transaction() as tx:
             row = tx.get_run(run_id)
-            if (
-                tx.set_status(
-                    run_id,
-                    RunStatus.FAILED,
-                    error=reason,
-                    now=now,
-                    only_from=(RunStatus.QUEUED, RunStatus.RUNNING),
-                )
-                is not None
-            ):
+            failed = tx.set_status(
+                run_id,
+                RunStatus.FAILED,
+                error=reason,
+                now=now,
+                only_from=(RunStatus.QUEUED, RunStatus.RUNNING),
+            )
+            if failed is not None:
                 tx.insert_events(run_id, row.iteration, [_error_event(reason)], now)
+        if failed is not None:
+            self.notifier.notify(Notice.FAILED, run_id)
+
+    # --- the people around a run: web app, notifications -----------------------------
+
+    def list_runs(self, *, status: str | None = None, limit: int = 25, offset: int = 0) -> RunPage:
+        """Newest first, optionally only runs with `status`; with the total for paging."""
+        with self.store.transaction() as tx:
+            return RunPage(
+                rows=tx.list_runs(status=status, limit=limit, offset=offset),
+                total=tx.count_runs(status=status),
+            )
+
+    def approval(self, approval_id: str) -> ApprovalView:
+        """An approval with its run, its step and the plan around it. Raises NotFound."""
+        with self.store.transaction() as tx:
+            row = tx.get_approval(approval_id)
+            if row is None:
+                raise NotFound(f"no approval with id {approval_id!r}")
+            step = tx.get_step(row.step_id)
+            return ApprovalView(
+                approval=row,
+                run=tx.get_run(row.run_id),
+                step=step,
+                plan=tx.plan_steps(row.run_id, step.plan_version),
+            )
+
+    def record_event(self, run_id: str, event: NewEvent) -> None:
+        """Append to a run's timeline without touching its state (a notification that
+        was sent, or could not be). Raises NotFound."""
+        now = self.clock()
+        with self.store.transaction() as tx:
+            row = tx.get_run(run_id)
+            tx.insert_events(run_id, row.iteration, [event], now)
+
+    def expire_approvals(self, *, ttl: float, policy: str) -> int:
+        """Settle approvals nobody decided within `ttl` seconds: "reject" (the agent
+        re-plans around the step) or "fail" the run. Returns how many were settled.
+
+        Only yes/no approvals expire: an unknown outcome (did the deploy happen?) is
+        not something a timer can answer."""
+        now = self.clock()
+        with self.store.transaction() as tx:
+            overdue = tx.overdue_approvals(
+                kind=PauseKind.APPROVAL, opened_before=now - timedelta(seconds=ttl), now=now
+            )
+        settled = sum(self._expire(a.id, ttl=ttl, policy=policy) for a in overdue)
+        if settled:
+            log.info("expired %d approval(s) (policy: %s)", settled, policy)
+        return settled
+
+    def _expire(self, approval_id: str, *, ttl: float, policy: str) -> bool:
+        now = self.clock()
+        reason = f"nobody decided within {ttl:g} s, so the approval expired"
+        with self.store.transaction() as tx:
+            approval = tx.expire_approval(approval_id, now=now)
+            if approval is None:
+                return False  # decided, or expired by another beat, in the meantime
+            step = tx.get_step(approval.step_id)
+            if policy == "fail":
+                transition = fail(f"step {step.position} ({step.tool}): {reason}")
+            else:
+                transition = fold_decision(
+                    step, PauseKind.APPROVAL, Decision.REJECT, by="agentloop", reason=reason
+                )
+            run = snapshot_from_row(tx.get_run(approval.run_id), [step])
+            tick = tx.apply(
+                run,
+                transition,
+                guard=Guard(status=RunStatus.PAUSED),
+                now=now,
+                next_run_at=now if transition.delay is not None else None,
+            )
+        if tick is None:
+            return False  # the run was no longer paused (cancelled): nothing to resume
+        self._after_commit(approval.run_id, tick, transition)
+        return True
 
 
 def _status_event(message: str) -> NewEvent:
@@ -610,3 +758,37 @@ def _event_view(row: Row[Any], positions: Mapping[int, int]) -> EventView:
         created_at=row.created_at,
         data=row.data or {},
     )
+
+
+@dataclass(frozen=True)
+class RunPage:
+    """One page of the runs list, and how many runs match in all."""
+
+    rows: list[Row[Any]]
+    total: int
+
+
+@dataclass(frozen=True)
+class ApprovalView:
+    """What a person deciding on an approval is shown."""
+
+    approval: Row[Any]
+    run: Row[Any]
+    step: Step
+    plan: list[Step]
+
+
+def _via(transition: Transition, channel: str) -> Transition:
+    """The decision's audit event, with the channel it came through."""
+    events = [
+        e.model_copy(
+            update={
+                "message": f"{e.message} (via {channel})",
+                "data": {**e.data, "channel": channel},
+            }
+        )
+        if e.kind is EventKind.APPROVAL
+        else e
+        for e in transition.events
+    ]
+    return transition.model_copy(update={"events": events})

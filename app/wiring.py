@@ -6,14 +6,14 @@ from pathlib import Path
 
 from app.config import Settings
 from app.planner.factory import PlannerFactory, default_planner_kind
-from app.service import AgentService, Dispatcher
+from app.service import AgentService, Dispatcher, Notifier
 from app.store.repo import Store, make_engine
 from app.tools.registry import load_registry
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
 
-def build_service(settings: Settings, dispatcher: Dispatcher) -> AgentService:
+def build_service(settings: Settings, dispatcher: Dispatcher, notifier: Notifier) -> AgentService:
     """An AgentService wired to the database, tools and planners named in `settings`.
 
     Raises ValueError when a configured tool module cannot be loaded.
@@ -24,6 +24,7 @@ def build_service(settings: Settings, dispatcher: Dispatcher) -> AgentService:
         store=Store(make_engine(settings.resolved_database_url)),
         tools=load_registry(settings.all_tool_modules),
         dispatcher=dispatcher,
+        notifier=notifier,
         planners=PlannerFactory(settings),
         default_planner=default_planner_kind(settings),
         workspaces=settings.workspaces,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from functools import cache
 
-from celery import Celery
+from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
 
-from app.service import AgentService
+from app.service import AgentService, Notice
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,13 @@ class CeleryDispatcher:
         advance.apply_async(args=(run_id, tick), countdown=countdown)
 
 
+class CeleryNotifier:
+    """Hands notices to the `agentloop.notify` task, which retries with countdowns."""
+
+    def notify(self, notice: Notice, run_id: str) -> None:
+        notify.apply_async(args=(str(notice), run_id))
+
+
 @cache
 def service() -> AgentService:
     """Built on first use in each worker process; importing this module connects to nothing."""
@@ -39,7 +46,7 @@ def service() -> AgentService:
     from app.wiring import build_service
 
     settings = load_settings()
-    return build_service(settings, CeleryDispatcher(settings.max_countdown))
+    return build_service(settings, CeleryDispatcher(settings.max_countdown), CeleryNotifier())
 
 
 @celery_app.task(
@@ -65,3 +72,24 @@ def advance(run_id: str, tick: int) -> None:
 @celery_app.task(name="agentloop.sweep", acks_late=True)
 def sweep() -> int:
     return service().sweep()
+
+
+@celery_app.task(name="agentloop.notify", bind=True, acks_late=True, max_retries=8)
+def notify(self: Task, notice: str, run_id: str) -> None:
+    """Deliver a notice by email and Slack; failures are retried with backoff and
+    recorded as events, and never touch the run's status."""
+    from app.notify import DeliveryFailed, deliver
+
+    try:
+        deliver(service(), Notice(notice), run_id, attempt=self.request.retries + 1)
+    except DeliveryFailed as exc:
+        raise self.retry(countdown=min(300, 2 ** (self.request.retries + 1))) from exc
+
+
+@celery_app.task(name="agentloop.expire_approvals", acks_late=True)
+def expire_approvals() -> int:
+    """Beat: settle approvals nobody decided in time, as configured (reject or fail)."""
+    from app.config import load_settings
+
+    settings = load_settings()
+    return service().expire_approvals(ttl=settings.approval_ttl, policy=settings.approval_expiry)

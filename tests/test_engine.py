@@ -125,8 +125,15 @@ def test_absurd_retry_policies_are_refused(bad):
 
 @pytest.mark.parametrize(
     "bad",
-    [{"max_iterations": 0}, {"max_iterations": 10**9}, {"timeout": -5}, {"max_replans": -1},
-     {"temperature": 3}, {"planner": "magic"}, {"unknown_option": 1}],
+    [
+        {"max_iterations": 0},
+        {"max_iterations": 10**9},
+        {"timeout": -5},
+        {"max_replans": -1},
+        {"temperature": 3},
+        {"planner": "magic"},
+        {"unknown_option": 1},
+    ],
 )
 def test_absurd_run_configs_are_refused(bad):
     with pytest.raises(ValidationError):
@@ -142,7 +149,9 @@ def test_a_new_run_plans_first():
 
 def test_a_plan_becomes_pending_steps_and_a_plan_event():
     run = new_run()
-    transition = fold_plan(run, Plan(purpose="initial"), planned("build", "notify"), jitter_sample=0)
+    transition = fold_plan(
+        run, Plan(purpose="initial"), planned("build", "notify"), jitter_sample=0
+    )
     assert transition.delay == 0
     assert transition.new_plan_version == 1
     assert [e.kind for e in transition.events] == [EventKind.PLAN, EventKind.DECISION]
@@ -378,7 +387,9 @@ def test_a_person_resolves_an_unknown_outcome(decision, status):
 def test_a_rate_limited_planner_waits_at_least_retry_after():
     run = new_run(retry_policy={"base": 1, "jitter": 0})
     transition = fold_plan(
-        run, Plan(purpose="initial"), PlannerUnavailable(error="429", retry_after=7),
+        run,
+        Plan(purpose="initial"),
+        PlannerUnavailable(error="429", retry_after=7),
         jitter_sample=0,
     )
     assert transition.delay == 7 and transition.planner_failures == 1
@@ -415,3 +426,43 @@ def test_llm_usage_is_recorded_as_events_and_totals():
     transition = fold_plan(new_run(), Plan(purpose="initial"), outcome, jitter_sample=0)
     assert transition.tokens_delta == 120 and transition.cost_delta == 0.5
     assert transition.events[0].kind is EventKind.LLM_CALL
+
+
+# --- approvals across a re-plan ---------------------------------------------------------
+
+
+def approved_then_failed(args: dict) -> RunSnapshot:
+    run = with_plan(new_run(approval_required=["deploy"]), "deploy")
+    run = run.model_copy(update={"steps": [run.steps[0].model_copy(update={"args": args})]})
+    run = apply_transition(
+        run, fold_decision(run.steps[0], PauseKind.APPROVAL, Decision.APPROVE, by="ann")
+    )
+    run, _ = execute(run, StepFailed(error="missing env var X", error_class=ErrorClass.PERMANENT))
+    return run
+
+
+def replanned(run: RunSnapshot, *new: PlannedStep) -> RunSnapshot:
+    action = decide(run, now=NOW, tools=TOOLS)
+    assert isinstance(action, Plan)
+    return apply_transition(
+        run, fold_plan(run, action, PlanProduced(steps=list(new)), jitter_sample=0)
+    )
+
+
+def test_the_retry_of_the_exact_approved_call_keeps_its_approval():
+    run = approved_then_failed({"env": "staging"})
+    run = replanned(
+        run,
+        PlannedStep(description="set X", tool="notify"),
+        PlannedStep(description="deploy again", tool="deploy", args={"env": "staging"}),
+    )
+    run, _ = execute(run, StepSucceeded())
+    assert decide(run, now=NOW, tools=TOOLS) == Execute(step_id=run.steps[-1].id)
+
+
+def test_a_replan_with_different_args_needs_a_new_approval():
+    run = approved_then_failed({"env": "staging"})
+    run = replanned(
+        run, PlannedStep(description="deploy prod", tool="deploy", args={"env": "prod"})
+    )
+    assert isinstance(decide(run, now=NOW, tools=TOOLS), AwaitHuman)

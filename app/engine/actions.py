@@ -34,6 +34,7 @@ class Failure(BaseModel):
     error_class: ErrorClass | None
     attempts: int
     rejection_reason: str | None = None
+    approved_args_hash: str | None = None
 
     @classmethod
     def of(cls, step: Step) -> Failure:
@@ -47,6 +48,7 @@ class Failure(BaseModel):
             error_class=step.error_class,
             attempts=step.attempts,
             rejection_reason=step.error if rejected else None,
+            approved_args_hash=None if rejected else step.approved_args_hash,
         )
 
 
@@ -217,6 +219,8 @@ class Transition(BaseModel):
     step_updates: list[StepUpdate] = Field(default_factory=list)
     new_steps: list[PlannedStep] = Field(default_factory=list)
     new_plan_version: int | None = None
+    # Index into new_steps -> the args hash a person already approved for that exact call.
+    carried_approvals: dict[int, str] = Field(default_factory=dict)
     replans_delta: int = 0
     planner_failures: int | None = None
     context_updates: dict[str, str] = Field(default_factory=dict)

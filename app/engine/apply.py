@@ -41,6 +41,7 @@ def apply_transition(run: RunSnapshot, transition: Transition) -> RunSnapshot:
                 tool=p.tool,
                 args=p.args,
                 idempotency_key=idempotency_key(run.id, plan_version, next_position + i),
+                approved_args_hash=transition.carried_approvals.get(i),
             )
             for i, p in enumerate(transition.new_steps)
         ]

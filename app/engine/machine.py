@@ -386,10 +386,20 @@ def _new_plan(run: RunSnapshot, action: Plan, outcome: PlanProduced) -> Transiti
         if step.plan_version == run.plan_version and step.status is StepStatus.PENDING
     ]
     listing = "; ".join(f"{i}. {s.description} [{s.tool}]" for i, s in enumerate(outcome.steps, 1))
+    carried = _carried_approvals(action, outcome)
+    notes = [
+        NewEvent(
+            kind=EventKind.APPROVAL,
+            message=f"approval carried over to the retry of {outcome.steps[i].tool} "
+            "(same tool, same args as the approved step that failed)",
+        )
+        for i in carried
+    ]
     return Transition(
         delay=0,
         new_plan_version=version,
         new_steps=outcome.steps,
+        carried_approvals=carried,
         step_updates=superseded,
         replans_delta=1 if action.purpose == "replan" else 0,
         planner_failures=0,
@@ -409,8 +419,24 @@ def _new_plan(run: RunSnapshot, action: Plan, outcome: PlanProduced) -> Transiti
                 kind=EventKind.DECISION,
                 message=outcome.reasoning or f"follow plan v{version}",
             ),
+            *notes,
         ],
     )
+
+
+def _carried_approvals(action: Plan, outcome: PlanProduced) -> dict[int, str]:
+    """A re-plan that retries the very call a person approved keeps that approval.
+
+    Only an identical call (tool and args hash) of a step that failed after being
+    approved qualifies, so a plan can never grant itself a new approval.
+    """
+    failure = action.failure
+    if failure is None or failure.approved_args_hash is None:
+        return {}
+    for index, planned in enumerate(outcome.steps):
+        if planned.tool == failure.tool and args_hash(planned.args) == failure.approved_args_hash:
+            return {index: failure.approved_args_hash}
+    return {}
 
 
 def fold_decision(

@@ -109,6 +109,10 @@ class RetryPolicy(BaseModel):
         return self
 
 
+# Sensitive by name: these need approval whenever a tool of that name exists.
+DEFAULT_APPROVAL_REQUIRED = ("deploy", "delete", "send_email")
+
+
 class RunConfig(BaseModel):
     """Per-run options. Validated when a run is created, stored with the run."""
 
@@ -121,7 +125,7 @@ class RunConfig(BaseModel):
     max_tokens: int = Field(4096, ge=256, le=64_000)
     max_iterations: int = Field(50, ge=1, le=10_000)
     timeout: float = Field(600.0, gt=0, le=7 * 24 * 3600, description="seconds, whole run")
-    approval_required: tuple[str, ...] = ("deploy", "delete", "send_email")
+    approval_required: tuple[str, ...] = DEFAULT_APPROVAL_REQUIRED
     retry_policy: RetryPolicy = RetryPolicy()
     max_replans: int = Field(3, ge=0, le=50)
     max_plan_repairs: int = Field(2, ge=0, le=10)

@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from app.engine.models import Step
+from app.engine.models import PlannedStep, Step
 
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|PASS|CREDENTIAL|AUTH", re.IGNORECASE)
 MASK = "***"
@@ -19,8 +19,10 @@ def is_secret_name(name: str) -> bool:
     return bool(SECRET_NAME.search(name))
 
 
-def secret_values(context: Mapping[str, Any], steps: Iterable[Step] = ()) -> list[str]:
-    """Secret values known to a run: from its context and from pending set_env steps."""
+def secret_values(
+    context: Mapping[str, Any], steps: Iterable[Step | PlannedStep] = ()
+) -> list[str]:
+    """Secret values known to a run: from its context and from set_env steps."""
     found = {str(v) for k, v in context.items() if is_secret_name(k)}
     for step in steps:
         name = step.args.get("name")

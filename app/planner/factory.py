@@ -30,7 +30,7 @@ class PlannerFactory:
         if kind == OFFLINE:
             from app.planner.offline import OfflinePlanner
 
-            return OfflinePlanner()
+            return OfflinePlanner(self.settings.runbooks_dir)
         if kind == ANTHROPIC:
             if not self.settings.anthropic_api_key:
                 raise ValueError("the anthropic planner needs ANTHROPIC_API_KEY")

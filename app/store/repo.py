@@ -335,13 +335,23 @@ class Tx:
         )
         return [step_from_row(row) for row in rows]
 
-    def completed_steps(self, run_id: str) -> list[Step]:
+    def completed_steps(self, run_id: str, *, limit: int) -> list[Step]:
+        """The latest `limit` completed steps, oldest first."""
         rows = self.conn.execute(
             select(steps)
             .where(steps.c.run_id == run_id, steps.c.status == StepStatus.COMPLETED)
-            .order_by(steps.c.position)
+            .order_by(steps.c.position.desc())
+            .limit(limit)
         )
-        return [step_from_row(row) for row in rows]
+        return [step_from_row(row) for row in reversed(list(rows))]
+
+    def step_positions(self, step_ids: Sequence[int]) -> dict[int, int]:
+        if not step_ids:
+            return {}
+        rows = self.conn.execute(
+            select(steps.c.id, steps.c.position).where(steps.c.id.in_(set(step_ids)))
+        )
+        return {row.id: row.position for row in rows}
 
     def get_step(self, step_id: int) -> Step:
         row = self.conn.execute(select(steps).where(steps.c.id == step_id)).first()
@@ -379,6 +389,7 @@ class Tx:
                 "status": StepStatus.PENDING,
                 "attempts": 0,
                 "idempotency_key": idempotency_key(run.id, t.new_plan_version, last + i),
+                "approved_args_hash": t.carried_approvals.get(i - 1),
                 "created_at": now,
                 "updated_at": now,
             }
@@ -496,6 +507,36 @@ class Tx:
             .where(approvals.c.run_id == run_id, approvals.c.status == "pending")
             .values(status=status)
         )
+
+    def overdue_approvals(
+        self, *, kind: str, opened_before: datetime, now: datetime, limit: int = 100
+    ) -> list[Row[Any]]:
+        """Pending approvals of `kind` past their own expires_at, or, without one,
+        opened before `opened_before` (the configured time to live)."""
+        return list(
+            self.conn.execute(
+                select(approvals)
+                .where(
+                    approvals.c.status == "pending",
+                    approvals.c.kind == kind,
+                    or_(
+                        approvals.c.expires_at < now,
+                        approvals.c.expires_at.is_(None) & (approvals.c.created_at < opened_before),
+                    ),
+                )
+                .order_by(approvals.c.created_at)
+                .limit(limit)
+            )
+        )
+
+    def expire_approval(self, approval_id: str, *, now: datetime) -> Row[Any] | None:
+        """Move a pending approval to expired, exactly once; None if it was not pending."""
+        return self.conn.execute(
+            update(approvals)
+            .where(approvals.c.id == approval_id, approvals.c.status == "pending")
+            .values(status="expired", decided_at=now)
+            .returning(*approvals.c)
+        ).first()
 
 
 def step_from_row(row: Row[Any]) -> Step:

@@ -109,6 +109,7 @@ steps = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Index("ix_steps_run_plan", "run_id", "plan_version", "position"),
+    Index("ix_steps_run_status_position", "run_id", "status", "position"),
 )
 
 events = Table(
@@ -144,4 +145,28 @@ approvals = Table(
     Column("notified", Boolean, nullable=False, default=False),
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_approvals_run_status", "run_id", "status"),
+)
+
+# --- people (app/store/accounts.py); created by migration 0002 ----------------------
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("name", String(80), nullable=False, unique=True),
+    Column("email", String(254)),
+    Column("password_hash", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    # Only a SHA-256 of the token is kept: a leaked table grants nothing.
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("label", String(120), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("last_used_at", UTCDateTime),
 )

@@ -103,6 +103,7 @@ class UnknownTool(KeyError):
 class ToolRegistry:
     def __init__(self, tools: Iterable[Tool] = ()) -> None:
         self._tools: dict[str, Tool] = {}
+        self._specs: dict[str, dict[str, Any]] = {}
         for tool in tools:
             self.register(tool)
 
@@ -110,6 +111,8 @@ class ToolRegistry:
         if tool.name in self._tools:
             raise ValueError(f"tool {tool.name!r} is registered twice")
         self._tools[tool.name] = tool
+        # JSON schema generation is slow; a planner asks for every spec on every call.
+        self._specs[tool.name] = tool.spec()
 
     def get(self, name: str) -> Tool:
         try:
@@ -128,7 +131,7 @@ class ToolRegistry:
         return {name: tool.policy for name, tool in self._tools.items()}
 
     def specs(self) -> list[dict[str, Any]]:
-        return [tool.spec() for tool in self._tools.values()]
+        return list(self._specs.values())
 
     def check_args(self, name: str, args: Mapping[str, Any]) -> list[str]:
         """Problems with a call of `name` with `args`; empty when it is valid."""

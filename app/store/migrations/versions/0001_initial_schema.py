@@ -142,10 +142,14 @@ def upgrade() -> None:
     op.create_index(
         "ix_steps_run_plan", "steps", ["run_id", "plan_version", "position"], unique=False
     )
+    op.create_index(
+        "ix_steps_run_status_position", "steps", ["run_id", "status", "position"], unique=False
+    )
 
 
 def downgrade() -> None:
 
+    op.drop_index("ix_steps_run_status_position", table_name="steps")
     op.drop_index("ix_steps_run_plan", table_name="steps")
     op.drop_table("steps")
     op.drop_index("ix_events_run_id_id", table_name="events")

@@ -1,0 +1,446 @@
+"""A local fake of the Anthropic Messages API, scripted per test.
+
+The real `anthropic` SDK talks to it over real HTTP (base_url / ANTHROPIC_BASE_URL),
+so the SDK's own request building, response parsing and error mapping run.
+Each POST /v1/messages takes the next entry of a script and answers with it;
+every request is recorded (parsed JSON body, raw bytes, headers).
+
+Script entries (plain JSON, so a script can also live in a file):
+
+    {"tool_use": {"name": "submit_plan", "input": {...}}}   a tool call (stop_reason tool_use)
+    {"text": "..."}                                          a text-only answer (end_turn)
+    {"content": [blocks], "stop_reason": "max_tokens"}       blocks verbatim (ids filled in)
+    {"status": 429, "error": {"type": "rate_limit_error", "message": "..."},
+     "headers": {"retry-after": "7"}}                        an API error
+    {"status": 200, "raw": "not json"}                       a raw body
+
+Every entry may also carry "delay" (seconds before answering, for timeouts),
+"usage" (overrides the computed token counts), "headers" and, with tool_use,
+"text" (a text block before the call). When the script runs out the server
+answers 500 saying so. Like the real API at anthropic-version 2026-10-21 it
+rejects temperature/top_p/top_k with a 400, and it answers 401 without a key.
+
+Token counts are estimated at 4 bytes a token. Prompt caching is emulated:
+the first request with a given cached prefix (tools + system, when they carry
+cache_control) reports cache_creation_input_tokens, later ones cache_read.
+
+In tests use the `fake_anthropic` fixture (the lead imports it into
+tests/conftest.py). Standalone, for a worker in another process:
+
+    python -m tests.fake_anthropic --port 0 --script script.json [--record requests.jsonl]
+
+prints "fake anthropic listening on http://127.0.0.1:PORT" and serves until
+SIGTERM/SIGINT. --record appends one JSON line per request:
+{"index", "path", "bytes", "body"}. GET /_fake/requests returns the same list,
+and POST /_fake/script (a JSON list) appends entries to the running script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+Entry = dict[str, Any]
+API_VERSION_WITHOUT_SAMPLING = "2026-10-21"
+SAMPLING_PARAMS = ("temperature", "top_p", "top_k")
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+# --- script helpers -------------------------------------------------------------------
+
+
+def tool_reply(name: str, tool_input: Any, **extra: Any) -> Entry:
+    return {"tool_use": {"name": name, "input": tool_input}, **extra}
+
+
+def plan_reply(steps: list[dict[str, Any]], reasoning: str = "because", **extra: Any) -> Entry:
+    return tool_reply("submit_plan", {"reasoning": reasoning, "steps": steps}, **extra)
+
+
+def finish_reply(report: str, **extra: Any) -> Entry:
+    return tool_reply("finish", {"done": True, "report": report}, **extra)
+
+
+def more_steps_reply(steps: list[dict[str, Any]], reasoning: str = "not done yet") -> Entry:
+    return tool_reply("finish", {"done": False, "steps": steps, "reasoning": reasoning})
+
+
+def text_reply(text: str, **extra: Any) -> Entry:
+    return {"text": text, **extra}
+
+
+def error_reply(
+    status: int,
+    message: str = "",
+    *,
+    error_type: str | None = None,
+    retry_after: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> Entry:
+    kind = error_type or ERROR_TYPES.get(status, "api_error")
+    all_headers = dict(headers or {})
+    if retry_after is not None:
+        all_headers["retry-after"] = f"{retry_after:g}"
+    return {
+        "status": status,
+        "error": {"type": kind, "message": message or kind.replace("_", " ")},
+        "headers": all_headers,
+    }
+
+
+def slow(entry: Entry, seconds: float) -> Entry:
+    return {**entry, "delay": seconds}
+
+
+# --- recording ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    index: int
+    path: str
+    headers: dict[str, str]
+    raw: bytes
+    body: Any  # the parsed JSON, or None when it was not JSON
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    def text(self) -> str:
+        return self.raw.decode("utf-8", errors="replace")
+
+    def summary(self) -> dict[str, Any]:
+        return {"index": self.index, "path": self.path, "bytes": self.size, "body": self.body}
+
+
+@dataclass
+class _State:
+    script: list[Entry] = field(default_factory=list)
+    requests: list[RecordedRequest] = field(default_factory=list)
+    cached_prefixes: set[str] = field(default_factory=set)
+    record_to: Path | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    counter: int = 0
+
+    def next_id(self) -> int:
+        with self.lock:
+            self.counter += 1
+            return self.counter
+
+
+# --- the server -----------------------------------------------------------------------
+
+
+class FakeAnthropic:
+    """The server; use as a context manager, or start() / stop()."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, record_to: Path | None = None):
+        self.state = _State(record_to=record_to)
+        handler = type("Handler", (_Handler,), {"state": self.state})
+        self._server = _Server((host, port), handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="fake-anthropic", daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> FakeAnthropic:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.state.stopping.set()  # wakes delayed answers at once
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeAnthropic:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def script(self, *entries: Entry) -> FakeAnthropic:
+        """Append answers, in the order requests will receive them."""
+        with self.state.lock:
+            self.state.script.extend(entries)
+        return self
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self.state.lock:
+            return list(self.state.requests)
+
+    @property
+    def remaining(self) -> int:
+        with self.state.lock:
+            return len(self.state.script)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out and hung up is part of the tests, not an error.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    state: _State
+    server_version = "fake-anthropic/1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output clean
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/_fake/requests":
+            with self.state.lock:
+                listed = [r.summary() for r in self.state.requests]
+            self._send(200, listed)
+            return
+        self._send_error(404, "not_found_error", f"no route GET {self.path}")
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+        if self.path.rstrip("/") == "/_fake/script":
+            with self.state.lock:
+                self.state.script.extend(json.loads(raw))
+            self._send(200, {"ok": True})
+            return
+        body = _parse(raw)
+        self._record(raw, body)
+        if self.path.split("?")[0].rstrip("/") != "/v1/messages":
+            self._send_error(404, "not_found_error", f"no route POST {self.path}")
+            return
+        problem = self._invalid(body)
+        if problem is not None:
+            self._send_error(*problem)
+            return
+        self._answer(self._next_entry(), body, len(raw))
+
+    # --- checks the real API makes ----------------------------------------------------
+
+    def _invalid(self, body: Any) -> tuple[int, str, str] | None:
+        if not (self.headers.get("x-api-key") or self.headers.get("authorization")):
+            return 401, "authentication_error", "x-api-key header is required"
+        if not isinstance(body, dict):
+            return 400, "invalid_request_error", "the request body is not valid JSON"
+        for name in ("model", "max_tokens", "messages"):
+            if name not in body:
+                return 400, "invalid_request_error", f"{name}: Field required"
+        version = self.headers.get("anthropic-version", "")
+        used = [name for name in SAMPLING_PARAMS if name in body]
+        if used and version >= API_VERSION_WITHOUT_SAMPLING:
+            return 400, "invalid_request_error", f"{used[0]}: Extra inputs are not permitted"
+        return None
+
+    def _next_entry(self) -> Entry:
+        with self.state.lock:
+            if self.state.script:
+                return self.state.script.pop(0)
+        return error_reply(500, "fake anthropic: the script ran out of responses")
+
+    # --- answering --------------------------------------------------------------------
+
+    def _answer(self, entry: Entry, body: dict[str, Any], size: int) -> None:
+        delay = float(entry.get("delay", 0))
+        if delay and self.state.stopping.wait(delay):
+            return
+        headers = dict(entry.get("headers") or {})
+        if "error" in entry:
+            error = entry["error"]
+            status = int(entry.get("status", 500))
+            self._send_error(status, error["type"], error["message"], headers)
+            return
+        if "raw" in entry:
+            self._send_raw(int(entry.get("status", 200)), str(entry["raw"]).encode(), headers)
+            return
+        self._send(int(entry.get("status", 200)), self._message(entry, body, size), headers)
+
+    def _message(self, entry: Entry, body: dict[str, Any], size: int) -> dict[str, Any]:
+        content, stop_reason = self._content(entry)
+        number = self.state.next_id()
+        return {
+            "id": f"msg_fake_{number:04d}",
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": content,
+            "stop_reason": entry.get("stop_reason", stop_reason),
+            "stop_sequence": None,
+            "usage": entry.get("usage") or self._usage(body, size, content),
+        }
+
+    def _content(self, entry: Entry) -> tuple[list[dict[str, Any]], str]:
+        if "content" in entry:
+            blocks = [dict(block) for block in entry["content"]]
+            for block in blocks:
+                if block.get("type") == "tool_use":
+                    block.setdefault("id", f"toolu_fake_{self.state.next_id():04d}")
+            return blocks, "end_turn"
+        blocks = [{"type": "text", "text": entry["text"]}] if "text" in entry else []
+        if "tool_use" in entry:
+            call = entry["tool_use"]
+            blocks.append(
+                {
+                    "type": "tool_use",
+                    "id": f"toolu_fake_{self.state.next_id():04d}",
+                    "name": call["name"],
+                    "input": call["input"],
+                }
+            )
+            return blocks, "tool_use"
+        return blocks, "end_turn"
+
+    def _usage(
+        self, body: dict[str, Any], size: int, content: list[dict[str, Any]]
+    ) -> dict[str, int]:
+        prefix = _cached_prefix(body)
+        cached = len(prefix) // 4
+        key = hashlib.sha256(prefix.encode()).hexdigest()
+        with self.state.lock:
+            seen = key in self.state.cached_prefixes
+            self.state.cached_prefixes.add(key)
+        return {
+            "input_tokens": max(1, (size - len(prefix)) // 4),
+            "output_tokens": max(1, len(json.dumps(content)) // 4),
+            "cache_creation_input_tokens": 0 if seen or not prefix else cached,
+            "cache_read_input_tokens": cached if seen and prefix else 0,
+        }
+
+    # --- writing ----------------------------------------------------------------------
+
+    def _record(self, raw: bytes, body: Any) -> None:
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        with self.state.lock:
+            recorded = RecordedRequest(len(self.state.requests), self.path, headers, raw, body)
+            self.state.requests.append(recorded)
+            if self.state.record_to is not None:
+                with self.state.record_to.open("a") as out:
+                    out.write(json.dumps(recorded.summary()) + "\n")
+
+    def _send_error(
+        self, status: int, kind: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        body = {
+            "type": "error",
+            "error": {"type": kind, "message": message},
+            "request_id": f"req_fake_{self.state.next_id():04d}",
+        }
+        self._send(status, body, headers)
+
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        self._send_raw(status, json.dumps(body).encode(), headers)
+
+    def _send_raw(self, status: int, raw: bytes, headers: dict[str, str] | None) -> None:
+        try:
+            self.send_response(status, _reason(status))
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(raw)))
+            self.send_header("request-id", f"req_fake_{self.state.next_id():04d}")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(raw)
+        except ConnectionError:
+            pass  # the client gave up (a timeout test): nothing to answer
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Overloaded" if status == 529 else "Error"
+
+
+def _cached_prefix(body: dict[str, Any]) -> str:
+    """Tools then system, up to the last cache_control breakpoint; "" when there is none."""
+    parts: list[Any] = [*body.get("tools", [])]
+    system = body.get("system", [])
+    parts += system if isinstance(system, list) else [{"type": "text", "text": system}]
+    marked = [
+        i for i, part in enumerate(parts) if isinstance(part, dict) and "cache_control" in part
+    ]
+    if not marked:
+        return ""
+    return json.dumps(parts[: marked[-1] + 1], separators=(",", ":"))
+
+
+# --- pytest -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_anthropic() -> Iterator[FakeAnthropic]:
+    """A running fake on a free loopback port; script it with .script(...)."""
+    with FakeAnthropic() as server:
+        yield server
+
+
+# --- standalone -----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--script", type=Path, help="a JSON list of script entries")
+    parser.add_argument("--record", type=Path, help="append each request as a JSON line")
+    args = parser.parse_args(argv)
+    entries = json.loads(args.script.read_text()) if args.script else []
+    if not isinstance(entries, list):
+        parser.error("the script must be a JSON list of entries")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with FakeAnthropic(host=args.host, port=args.port, record_to=args.record) as server:
+        server.script(*entries)
+        print(f"fake anthropic listening on {server.base_url}", flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Test support: tools, runbooks, a scripted planner, fixtures."""

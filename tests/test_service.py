@@ -1,0 +1,308 @@
+"""The service over real PostgreSQL, driven message by message (only the queue
+boundary is replaced): ticks, leases, approvals, cancel, sweep, bad input."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, select
+
+from app.engine.actions import PlanProduced
+from app.engine.models import Decision, PlannedStep, RunStatus, StepStatus
+from app.service import Conflict, InvalidInput
+from app.store.repo import NotFound
+from app.store.schema import runs
+from tests.support.fixtures import Harness, make_harness, steps
+
+
+def run_row(harness: Harness, run_id: str):
+    with harness.service.store.transaction() as tx:
+        return tx.get_run(run_id)
+
+
+def kinds(harness: Harness, run_id: str) -> list[str]:
+    return [e.kind for e in harness.service.status(run_id).events]
+
+
+def test_a_run_goes_from_plan_to_report(harness: Harness):
+    harness.planner.script = [steps("noop", "noop")]
+    run_id = harness.service.create_run("do two things")
+    assert harness.drain() == 4  # plan, two steps, verify
+    view = harness.service.status(run_id)
+    assert view.run.status == RunStatus.COMPLETED
+    assert view.run.report == "# scripted report"
+    assert [s.status for s in view.steps] == [StepStatus.COMPLETED] * 2
+    assert kinds(harness, run_id).count("observation") == 2
+
+
+def test_a_duplicate_message_is_a_no_op(harness: Harness):
+    harness.planner.script = [steps("noop")]
+    run_id = harness.service.create_run("once")
+    harness.step()  # plan
+    message = harness.dispatcher.sent[0]
+    harness.step()  # the step runs
+    before = run_row(harness, run_id)
+    harness.service.advance(message[0], message[1])  # the same message again
+    after = run_row(harness, run_id)
+    assert (after.iteration, after.tick) == (before.iteration, before.tick)
+
+
+def test_a_stale_tick_is_a_no_op(harness: Harness):
+    run_id = harness.service.create_run("stale")
+    harness.service.advance(run_id, 99)
+    assert run_row(harness, run_id).iteration == 0
+    assert harness.dispatcher.sent == [(run_id, 0, 0)]
+
+
+def test_an_early_message_is_published_again_for_the_rest_of_its_wait(harness: Harness):
+    harness.planner.script = [steps("flaky")]
+    run_id = harness.service.create_run("wait")
+    harness.step()  # plan
+    harness.step()  # flaky fails once: retry after the backoff
+    _, tick, delay = harness.dispatcher.pop()
+    assert delay == 2.0  # base 2 s, no jitter in this harness
+    harness.clock.advance(0.5)
+    harness.service.advance(run_id, tick)  # arrives 1.5 s early
+    assert harness.dispatcher.sent == [(run_id, tick, 1.5)]
+    assert run_row(harness, run_id).iteration == 2
+
+
+def test_two_workers_never_advance_one_run_at_once(store, tmp_path: Path):
+    first = make_harness(store, tmp_path, worker_id="first")
+    second = make_harness(store, tmp_path, worker_id="second")
+    first.planner.script = [
+        PlanProduced(steps=[PlannedStep(description="hold", tool="idem_effect", args={"hold": 30})])
+    ]
+    run_id = first.service.create_run("hold the lease")
+    first.step()  # plan
+    message = first.dispatcher.pop()
+    holder = threading.Thread(target=first.service.advance, args=message[:2])
+    holder.start()
+    ws = tmp_path / "workspaces" / run_id
+    try:
+        for _ in range(200):
+            if (ws / "effects.log").exists():
+                break
+            threading.Event().wait(0.05)
+        # The same message delivered to another worker while the first holds the lease.
+        second.service.advance(*message[:2])
+        # A message for the new tick, before the lease expires, is refused too.
+        second.service.advance(run_id, message[1] + 1)
+    finally:
+        (ws / "release").touch()
+        holder.join()
+    log = (ws / "effects.log").read_text().splitlines()
+    assert sum(line.startswith("start") for line in log) == 1
+    assert run_row(first, run_id).iteration == 2
+
+
+def test_sql_statements_per_iteration_do_not_grow_with_the_run(harness: Harness, store):
+    harness.planner.script = [steps("noop") for _ in range(600)]
+    run_id = harness.service.create_run("long", config={"max_iterations": 2000})
+    counts: dict[int, int] = {}
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        iteration = 0
+        while iteration < 1000:
+            statements.clear()
+            harness.step()
+            iteration = run_row(harness, run_id).iteration
+            counts[iteration] = len(statements) - 1  # less run_row's own SELECTs
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    # Odd iterations plan, even ones execute a step: compare like with like.
+    assert counts[10] == counts[1000], (counts[10], counts[1000])
+    assert counts[11] == counts[999], (counts[11], counts[999])
+
+
+# --- people -------------------------------------------------------------------------
+
+
+def paused_for_approval(harness: Harness) -> str:
+    harness.planner.script = [
+        PlanProduced(
+            steps=[PlannedStep(description="ship", tool="deploy", args={"env": "staging"})]
+        )
+    ]
+    run_id = harness.service.create_run("ship it")
+    harness.drain(limit=2)
+    assert run_row(harness, run_id).status == RunStatus.PAUSED
+    return run_id
+
+
+def test_approving_twice_says_already_decided_and_resumes_once(harness: Harness):
+    run_id = paused_for_approval(harness)
+    harness.service.approve(run_id, by="ann")
+    assert len(harness.dispatcher.sent) == 1
+    with pytest.raises(Conflict, match="not waiting for a decision"):
+        harness.service.approve(run_id, by="bob")
+    assert len(harness.dispatcher.sent) == 1
+
+
+def test_a_decided_approval_cannot_be_decided_again_by_id(harness: Harness):
+    run_id = paused_for_approval(harness)
+    approval_id = harness.service.status(run_id).pending_approval.id
+    harness.service.reject(run_id, by="ann", reason="not today", approval_id=approval_id)
+    with pytest.raises(Conflict, match="already decided: reject by ann"):
+        harness.service.approve(run_id, by="bob", approval_id=approval_id)
+
+
+def test_concurrent_approvals_resume_the_run_exactly_once(store, tmp_path: Path):
+    harness = make_harness(store, tmp_path)
+    run_id = paused_for_approval(harness)
+    others = [make_harness(store, tmp_path, worker_id=f"web{i}") for i in range(4)]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(len(others))
+
+    def approve(h: Harness) -> None:
+        barrier.wait()
+        try:
+            h.service.approve(run_id, by="someone")
+            outcomes.append("ok")
+        except Conflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=approve, args=(h,)) for h in others]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["conflict"] * 3 + ["ok"]
+    assert sum(len(h.dispatcher.sent) for h in others) == 1
+
+
+def test_approving_a_run_that_is_not_paused_or_does_not_exist(harness: Harness):
+    run_id = harness.service.create_run("not paused")
+    with pytest.raises(Conflict, match="queued, not waiting"):
+        harness.service.approve(run_id, by="ann")
+    with pytest.raises(NotFound):
+        harness.service.approve("nope", by="ann")
+
+
+def test_edited_args_are_validated_against_the_tool(harness: Harness):
+    run_id = paused_for_approval(harness)
+    with pytest.raises(InvalidInput, match="edited args are invalid"):
+        harness.service.approve(run_id, by="ann", args={"env": "production"})
+    assert run_row(harness, run_id).status == RunStatus.PAUSED
+
+
+def test_a_rejection_needs_a_reason(harness: Harness):
+    run_id = paused_for_approval(harness)
+    with pytest.raises(InvalidInput, match="needs a reason"):
+        harness.service.reject(run_id, by="ann", reason="  ")
+
+
+def test_an_unknown_outcome_takes_retry_skip_or_done_only(harness: Harness):
+    run_id = paused_for_approval(harness)
+    with pytest.raises(InvalidInput, match="takes one of: approve, reject"):
+        harness.service.decide(run_id, Decision.SKIP, by="ann")
+
+
+def test_cancel_stops_the_run_and_later_messages_do_nothing(harness: Harness):
+    harness.planner.script = [steps("noop", "noop")]
+    run_id = harness.service.create_run("cancel me")
+    harness.step()
+    harness.service.cancel(run_id, by="ann")
+    harness.drain()
+    row = run_row(harness, run_id)
+    assert row.status == RunStatus.CANCELLED and row.error == "cancelled by ann"
+    with pytest.raises(Conflict, match="only an active run"):
+        harness.service.cancel(run_id, by="ann")
+
+
+# --- healing ------------------------------------------------------------------------
+
+
+def test_the_sweep_finds_a_run_whose_message_was_lost(harness: Harness):
+    harness.planner.script = [steps("noop")]
+    run_id = harness.service.create_run("lost")
+    harness.dispatcher.sent.clear()  # the broker lost the message
+    harness.service.sweep()
+    assert (run_id, 0, 0) not in harness.dispatcher.sent  # not overdue yet
+    harness.clock.advance(5)
+    assert harness.service.sweep() >= 1
+    assert (run_id, 0, 0) in harness.dispatcher.sent
+
+
+def test_the_sweep_leaves_leased_and_paused_runs_alone(harness: Harness, store):
+    run_id = paused_for_approval(harness)
+    harness.clock.advance(60)
+    harness.service.sweep()
+    assert all(sent[0] != run_id for sent in harness.dispatcher.sent)
+    with store.transaction() as tx:
+        assert (
+            tx.conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar() == "paused"
+        )
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("task", "config", "message"),
+    [
+        ("", None, "the task is empty"),
+        ("   ", None, "the task is empty"),
+        ("x" * 10_001, None, "the limit is 10000"),
+        ("ok", {"max_iterations": -1}, "max_iterations"),
+        ("ok", {"timeout": 10**12}, "timeout"),
+        ("ok", {"retry_policy": {"base": 10, "max_backoff": 1}}, "max_backoff"),
+        ("ok", {"approval_required": ["no_such_tool"]}, "unknown tools: no_such_tool"),
+        ("ok", {"colour": "blue"}, "colour"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_creates_nothing(
+    harness: Harness, store, task, config, message
+):
+    with store.transaction() as tx:
+        before = tx.count_runs()
+    with pytest.raises(InvalidInput, match=message):
+        harness.service.create_run(task, config=config)
+    with store.transaction() as tx:
+        assert tx.count_runs() == before
+    assert harness.dispatcher.sent == []
+
+
+def test_a_plan_with_an_unknown_tool_or_bad_args_is_an_error_event_then_a_new_plan(
+    harness: Harness,
+):
+    harness.planner.script = [
+        PlanProduced(steps=[PlannedStep(description="x", tool="teleport")]),
+        PlanProduced(steps=[PlannedStep(description="x", tool="flaky", args={"failures": "lots"})]),
+        steps("noop"),
+    ]
+    run_id = harness.service.create_run("plan badly", config={"max_plan_repairs": 3})
+    harness.drain()
+    view = harness.service.status(run_id)
+    assert view.run.status == RunStatus.COMPLETED
+    errors = [e.message for e in view.events if e.kind == "error"]
+    assert any("unknown tool 'teleport'" in m for m in errors)
+    assert any("failures" in m for m in errors)
+
+
+def test_a_secret_set_by_the_agent_never_reaches_the_events(harness: Harness):
+    secret = "s3cr3t-value-123"
+    harness.planner.script = [
+        PlanProduced(
+            steps=[
+                PlannedStep(
+                    description="set the token",
+                    tool="set_env",
+                    args={"name": "API_TOKEN", "value": secret},
+                )
+            ]
+        )
+    ]
+    run_id = harness.service.create_run("use a token")
+    harness.drain()
+    view = harness.service.status(run_id)
+    assert view.run.status == RunStatus.COMPLETED
+    text = repr([(e.message, e.data) for e in view.events])
+    assert secret not in text and "***" in text
