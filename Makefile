@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	scripts/ensure-services.sh
+	scripts/ensure-browser.sh
 	$(BIN)/python -m pytest
 
 run: $(STAMP)

@@ -244,3 +244,53 @@ def _parse_json(text: str, option: str) -> dict[str, Any]:
 
 def _whoami() -> str:
     return os.environ.get("AGENTLOOP_USER") or os.environ.get("USER") or "cli"
+
+
+@main.group()
+def user() -> None:
+    """People who sign in to the web app and call the JSON API."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--email", default=None, help="Where approval emails for NAME are sent.")
+@click.option(
+    "--password",
+    prompt=True,
+    hide_input=True,
+    confirmation_prompt=True,
+    envvar="AGENTLOOP_NEW_PASSWORD",
+    help="Prompted for when not given (or set AGENTLOOP_NEW_PASSWORD).",
+)
+@click.option("--token/--no-token", default=False, help="Also create and print an API token.")
+@friendly_errors
+def user_add(name: str, email: str | None, password: str, token: bool) -> None:
+    """Create a user who can sign in (passwords are stored hashed)."""
+    from app.store.accounts import AccountError, Accounts
+
+    _, service = connect(broker=False)
+    accounts = Accounts(service.store.engine)
+    try:
+        created = accounts.add_user(name, password, email=email)
+    except AccountError as exc:
+        raise ConfigError(str(exc)) from None
+    click.echo(f"user {created.name} created" + (f" <{created.email}>" if created.email else ""))
+    if token:
+        click.echo("API token (shown once; send it as 'Authorization: Bearer TOKEN'):")
+        click.echo(accounts.issue_token(created.id, label="created with user add"))
+
+
+@user.command("token")
+@click.argument("name")
+@click.option("--label", default="cli", help="What the token is for.")
+@friendly_errors
+def user_token(name: str, label: str) -> None:
+    """Create and print a new API token for an existing user."""
+    from app.store.accounts import Accounts
+
+    _, service = connect(broker=False)
+    accounts = Accounts(service.store.engine)
+    found = accounts.by_name(name)
+    if found is None:
+        raise NotFound(f"no user named {name!r}; create one with `agentloop user add {name}`")
+    click.echo(accounts.issue_token(found.id, label=label))

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     approval_expiry: Literal["reject", "fail"] = "reject"
     expire_interval: float = Field(60.0, gt=0, le=3600)
 
+    @field_validator("runbooks_dir", "workspace_root", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("database_url", "broker_url")
     @classmethod
     def _strip(cls, value: str) -> str:

@@ -47,6 +47,7 @@ from app.engine.models import (
     Decision,
     ErrorClass,
     EventKind,
+    JSONDict,
     PauseKind,
     PlannedStep,
     RunConfig,
@@ -56,7 +57,13 @@ from app.engine.models import (
 )
 from app.engine.redact import redact, secret_values
 from app.planner.base import EventView, Planner, PlanRequest, StepView, ToolSpec
-from app.planner.prompt import RECENT_EVENTS, summarize_events
+from app.planner.prompt import (
+    RECENT_EVENTS,
+    completed_positions,
+    next_position,
+    summarize_events,
+)
+from app.planner.refs import RefError, check_refs, find_refs, resolve_refs
 from app.store.repo import Guard, NotFound, Store, Tx, snapshot_from_row
 from app.tools.registry import ToolContext, ToolRegistry, UnknownTool, run_tool
 
@@ -121,6 +128,15 @@ def utcnow() -> datetime:
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class SlowWork:
+    """What the slow part of an iteration needs, read inside the claim transaction."""
+
+    run: RunSnapshot
+    request: PlanRequest | None = None
+    args: JSONDict | StepFailed = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -231,19 +247,21 @@ class AgentService:
             if row is None:
                 self._unclaimed(tx, run_id, tick, now)
                 return
-            run = snapshot_from_row(row, tx.plan_steps(run_id, row.plan_version))
+            run = snapshot_from_row(row, tx.open_steps(run_id, row.plan_version))
             planner_kind = row.planner
             action = decide(run, now=now, tools=self.tools.policies())
             prepared = self._prepare(tx, row, run, action, now)
         if isinstance(prepared, Transition):
             self._after_commit(run.id, run.tick, prepared)
             return
-        run, request = prepared
+        run = prepared.run
         if isinstance(action, Execute):
-            outcome: StepOutcome | PlanOutcome = self._execute(run, run.step(action.step_id))
+            outcome: StepOutcome | PlanOutcome = self._execute(
+                run, run.step(action.step_id), prepared.args
+            )
         else:
-            assert isinstance(action, Plan) and request is not None
-            outcome = self._plan(planner_kind, request)
+            assert isinstance(action, Plan) and prepared.request is not None
+            outcome = self._plan(planner_kind, prepared.request)
         self._finish(run, action, outcome)
 
     def _unclaimed(self, tx: Tx, run_id: str, tick: int, now: datetime) -> None:
@@ -272,7 +290,7 @@ class AgentService:
         run: RunSnapshot,
         action: Fail | AwaitHuman | Execute | Plan,
         now: datetime,
-    ) -> Transition | tuple[RunSnapshot, PlanRequest | None]:
+    ) -> Transition | SlowWork:
         """Inside the claim transaction: settle a quick action (returning what it
         changed), or mark slow work begun (returning what the work needs)."""
         owner = Guard(owner=self.worker_id, tick=run.tick)
@@ -292,7 +310,10 @@ class AgentService:
                     now=now,
                     lease_until=now + timedelta(seconds=timeout + self.lease_grace),
                 )
-                return apply_transition(run, began), None
+                step = run.step(action.step_id)
+                return SlowWork(
+                    apply_transition(run, began), args=self._resolve_args(tx, run, step)
+                )
             case Plan():
                 request = self._plan_request(tx, row, run, action)
                 lease = self.llm_timeout * (run.config.max_plan_repairs + 1) + self.lease_grace
@@ -304,7 +325,7 @@ class AgentService:
                     next_run_at=None,
                     lease_until=now + timedelta(seconds=lease),
                 )
-                return run, request
+                return SlowWork(run, request=request)
 
     def _finish(
         self, run: RunSnapshot, action: Execute | Plan, outcome: StepOutcome | PlanOutcome
@@ -385,7 +406,20 @@ class AgentService:
         own = self.tools.get(step.tool).timeout if step.tool in self.tools else 60.0
         return max(1.0, min(own, remaining))
 
-    def _execute(self, run: RunSnapshot, step: Step) -> StepOutcome:
+    def _resolve_args(self, tx: Tx, run: RunSnapshot, step: Step) -> JSONDict | StepFailed:
+        """The step's args with references to earlier results filled in."""
+        refs = find_refs(step.args)
+        if not refs:
+            return step.args
+        results = tx.step_results(run.id, {ref.position for ref in refs})
+        try:
+            return resolve_refs(step.args, results)
+        except RefError as exc:
+            return StepFailed(error=str(exc), error_class=ErrorClass.PERMANENT)
+
+    def _execute(self, run: RunSnapshot, step: Step, args: JSONDict | StepFailed) -> StepOutcome:
+        if isinstance(args, StepFailed):
+            return args
         try:
             tool = self.tools.get(step.tool)
         except UnknownTool as exc:
@@ -400,7 +434,7 @@ class AgentService:
             env=dict(run.context),
             settings=self.tool_settings,
         )
-        return run_tool(tool, step.args, ctx, timeout=self._step_timeout(run, step, self.clock()))
+        return run_tool(tool, args, ctx, timeout=self._step_timeout(run, step, self.clock()))
 
     def _plan(self, planner_kind: str, request: PlanRequest) -> PlanOutcome:
         try:
@@ -408,7 +442,14 @@ class AgentService:
         except ValueError as exc:
             return PlannerFatal(error=str(exc))
         outcome = planner.plan(request, check=self.check_plan)
-        if isinstance(outcome, PlanProduced) and (problems := self.check_plan(outcome.steps)):
+        if isinstance(outcome, PlanProduced) and (
+            problems := check_refs(
+                outcome.steps,
+                completed_positions(request),
+                first_position=next_position(request),
+            )
+            + self.check_plan(outcome.steps)
+        ):
             # Never trust a planner to have validated its own output.
             return PlanInvalid(
                 error="; ".join(problems),
@@ -418,13 +459,20 @@ class AgentService:
         return outcome
 
     def check_plan(self, steps: list[PlannedStep]) -> list[str]:
-        """Problems with proposed steps: unknown tools, arguments that fail validation."""
+        """Problems with proposed steps: unknown tools, arguments that fail validation.
+
+        Args that refer to earlier results are validated when the step runs, once
+        the references are filled in; here only their tool must exist.
+        """
         problems: list[str] = []
         for position, step in enumerate(steps, 1):
-            problems += [
-                f"step {position}: {p}" for p in self.tools.check_args(step.tool, step.args)
-            ]
+            args = {} if find_refs(step.args) else step.args
+            found = self.tools.check_args(step.tool, args) if args else self._unknown(step.tool)
+            problems += [f"step {position}: {p}" for p in found]
         return problems
+
+    def _unknown(self, tool: str) -> list[str]:
+        return [] if tool in self.tools else self.tools.check_args(tool, {})
 
     def _plan_request(self, tx: Tx, row: Row[Any], run: RunSnapshot, action: Plan) -> PlanRequest:
         """What the planner is told; bounded whatever the run's length."""
@@ -441,7 +489,7 @@ class AgentService:
             completed=[
                 _step_view(s) for s in tx.completed_steps(run.id, limit=RECENT_COMPLETED_STEPS)
             ],
-            current_plan=[_step_view(s) for s in run.steps],
+            current_plan=[_step_view(s) for s in tx.plan_steps(run.id, run.plan_version)],
             recent_events=[_event_view(e, positions) for e in recent],
             memory_summary=summary,
             context_keys=sorted(run.context),

@@ -35,4 +35,4 @@ os.environ.update(
 for _name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "SLACK_WEBHOOK_URL"):
     os.environ.pop(_name, None)
 
-pytest_plugins = ["tests.support.fixtures"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.web", "tests.fake_anthropic"]

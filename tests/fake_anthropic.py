@@ -165,8 +165,12 @@ class FakeAnthropic:
         self.state = _State(record_to=record_to)
         handler = type("Handler", (_Handler,), {"state": self.state})
         self._server = _Server((host, port), handler)
+        # A short poll interval: shutdown() waits for it, once per test.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="fake-anthropic", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            name="fake-anthropic",
+            daemon=True,
         )
 
     @property

@@ -17,13 +17,14 @@ from app.planner.prompt import (
     REDACTED,
     SUBMIT_PLAN,
     SYSTEM_PROMPT,
-    USER_PROMPT_CHARS,
+    USER_PROMPT_BYTES,
     as_data,
     clip,
     completed_positions,
     fit,
     next_position,
     redact,
+    sent_size,
     summarize_events,
     system_blocks,
     tool_definitions,
@@ -102,14 +103,26 @@ def test_clip_says_how_much_was_cut() -> None:
     assert clip("x" * 50, 10) == "x" * 10 + "... [truncated: 10 of 50 chars]"
 
 
+def sent(lines: list[str]) -> int:
+    return sum(sent_size(line) + 2 for line in lines)  # + the newline after each
+
+
+def test_sent_size_counts_bytes_in_the_json_body() -> None:
+    assert sent_size("abc") == 3
+    assert sent_size('say "hi"\n') == 12
+    assert sent_size("é€😀") == 2 + 3 + 4
+    assert sent_size("\x01") == 6
+
+
 def test_fit_keeps_items_in_priority_order_and_fills_exactly() -> None:
-    items = ["a" * 10, "b" * 10, "c" * 10]
-    assert fit(items, 100) == items
-    kept = fit(items, 25)
-    assert kept[:2] == ["a" * 10, "b" * 10]
-    assert sum(len(item) + 1 for item in kept) == 25
-    for budget in range(0, 40):
-        assert sum(len(item) + 1 for item in fit(items, budget)) == min(budget, 33)
+    items = ["a" * 10, 'q"q"q"q"q"', "c€" * 10]
+    assert fit(items, 1000) == items
+    kept = fit(items, 30)
+    assert kept[0] == "a" * 10 and kept[1].startswith('q"')
+    assert sent(kept) == 30
+    full = sent(items)
+    for budget in range(0, full + 5):
+        assert sent(fit(items, budget)) == min(budget, full) - (budget == 1)
 
 
 def test_as_data_escapes_angle_brackets() -> None:
@@ -305,7 +318,7 @@ def test_prompt_is_bounded_whatever_the_inputs() -> None:
             current_plan=[step_view(i, status="pending", args={"a": big}) for i in range(300, 350)],
         )
     )
-    assert len(text) <= USER_PROMPT_CHARS + FRAMING
+    assert sent_size(text) <= USER_PROMPT_BYTES + FRAMING
 
 
 def full_request(first_position: int) -> PlanRequest:
@@ -336,7 +349,7 @@ def full_request(first_position: int) -> PlanRequest:
 def test_a_full_prompt_has_the_same_size_whatever_the_positions() -> None:
     short_run, long_run = user_prompt(full_request(5)), user_prompt(full_request(50_005))
     assert "50038" in long_run  # the positions did grow by several digits
-    assert len(long_run) == len(short_run)
+    assert sent_size(long_run) == sent_size(short_run)
 
 
 def test_next_position_and_completed_positions() -> None:

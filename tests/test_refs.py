@@ -121,7 +121,7 @@ def test_missing_key_names_the_keys_there_are() -> None:
 
 
 def test_bad_index_and_scalar_are_clear_errors() -> None:
-    with pytest.raises(RefError, match="result.items is a list of 2; '5' is not an index"):
+    with pytest.raises(RefError, match=r"result\.items is a list of 2; '5' is not an index"):
         resolve_refs({"x": "${steps.1.result.items.5}"}, RESULTS)
     with pytest.raises(RefError, match="result is a str, not a dict or list"):
         resolve_refs({"x": "${steps.2.result.length}"}, RESULTS)

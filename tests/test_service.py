@@ -306,3 +306,43 @@ def test_a_secret_set_by_the_agent_never_reaches_the_events(harness: Harness):
     assert view.run.status == RunStatus.COMPLETED
     text = repr([(e.message, e.data) for e in view.events])
     assert secret not in text and "***" in text
+
+
+def test_a_step_can_use_an_earlier_steps_result(harness: Harness):
+    harness.planner.script = [
+        PlanProduced(
+            steps=[
+                PlannedStep(description="probe", tool="noop"),
+                PlannedStep(
+                    description="remember",
+                    tool="set_env",
+                    args={"name": "PROBE", "value": "ok=${steps.1.result.ok}"},
+                ),
+            ]
+        )
+    ]
+    run_id = harness.service.create_run("use a result")
+    harness.drain()
+    row = run_row(harness, run_id)
+    assert row.status == RunStatus.COMPLETED
+    assert row.context == {"PROBE": "ok=true"}
+
+
+def test_a_reference_to_a_missing_result_is_refused_before_it_runs(harness: Harness):
+    harness.planner.script = [
+        PlanProduced(
+            steps=[
+                PlannedStep(
+                    description="bad",
+                    tool="set_env",
+                    args={"name": "X", "value": "${steps.9.result}"},
+                )
+            ]
+        ),
+        steps("noop"),
+    ]
+    run_id = harness.service.create_run("refer to the future")
+    harness.drain()
+    view = harness.service.status(run_id)
+    assert view.run.status == RunStatus.COMPLETED
+    assert any("steps.9" in e.message for e in view.events if e.kind == "error")

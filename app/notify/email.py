@@ -26,5 +26,7 @@ def build_message(mail: Mail, *, sender: str, to: str) -> EmailMessage:
 def send_mail(settings: Settings, mail: Mail, *, to: str) -> None:
     """Hand one message to the SMTP server. Raises OSError or smtplib.SMTPException."""
     message = build_message(mail, sender=settings.smtp_from, to=to)
-    with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout) as smtp:
+    with smtplib.SMTP(
+        settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout
+    ) as smtp:
         smtp.send_message(message)

@@ -58,8 +58,11 @@ def read_approval(secret: str, token: str, *, max_age: float) -> ApprovalClaim:
         raise InvalidToken(
             "this approval link is not valid: it was altered or not sent by us"
         ) from None
-    fields = (data.get("a"), data.get("u"), data.get("h")) if isinstance(data, dict) else ()
-    if len(fields) != 3 or not all(isinstance(f, str) and f for f in fields):
+    if not isinstance(data, dict):
         raise InvalidToken("this approval link is not valid")
-    approval_id, approver, args_hash = fields
-    return ApprovalClaim(approval_id=approval_id, approver=approver, args_hash=args_hash)
+    fields = [data.get("a"), data.get("u"), data.get("h")]
+    if not all(isinstance(f, str) and f for f in fields):
+        raise InvalidToken("this approval link is not valid")
+    return ApprovalClaim(
+        approval_id=str(fields[0]), approver=str(fields[1]), args_hash=str(fields[2])
+    )

@@ -253,13 +253,17 @@ class _Conversation:
                 "type": "tool_result",
                 "tool_use_id": call.id,
                 "is_error": True,
-                "content": _fix_request(self.answer_tool, problems)
-                if call.name == self.answer_tool
-                else f"`{call.name}` cannot be called directly: put it in a step of "
-                f"`{self.answer_tool}`.",
+                "content": self._about_call(call.name, problems),
             }
             for call in calls
         ]
+
+    def _about_call(self, name: str, problems: Problems) -> str:
+        if name == self.answer_tool:
+            return _fix_request(self.answer_tool, problems)
+        if name in ANSWER_TOOLS:
+            return f"Not now: answer by calling `{self.answer_tool}`, not `{name}`."
+        return f"`{name}` cannot be called directly: put it in a step of `{self.answer_tool}`."
 
 
 def _fix_request(answer_tool: str, problems: Problems) -> str:
@@ -332,16 +336,20 @@ def _parse_input(expected: str, data: object) -> PlanProduced | PlanFinished | P
             return PlanProduced(steps=plan.steps, reasoning=plan.reasoning)
         answer = FINISH_INPUT.validate_python(data)
     except ValidationError as exc:
-        return [f"{expected} input: {_location(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        tagged = expected == FINISH
+        return [
+            f"{expected} input: {_location(err['loc'], tagged=tagged)}: {err['msg']}"
+            for err in exc.errors()
+        ]
     if isinstance(answer, FinishDone):
         return PlanFinished(report=answer.report)
     return PlanProduced(steps=answer.steps, reasoning=answer.reasoning)
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
-    # Drop the union tag pydantic adds ("True"/"False") so paths read as the model wrote them.
-    parts = [str(part) for part in loc if part not in ("True", "False")]
-    return ".".join(parts) or "(input)"
+def _location(loc: tuple[int | str, ...], *, tagged: bool) -> str:
+    # A discriminated union puts its tag (done: 1 / 0) first; the model never wrote it.
+    parts = loc[1:] if tagged and loc and isinstance(loc[0], int) else loc
+    return ".".join(str(part) for part in parts) or "(input)"
 
 
 def _check_steps(steps: list[PlannedStep], request: PlanRequest, check: PlanCheck) -> Problems:

@@ -33,22 +33,24 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from app.engine.models import MAX_STEPS_PER_PLAN, MAX_TASK_CHARS
+from app.engine.models import MAX_STEPS_PER_PLAN
 from app.planner.base import EventView, PlanRequest, StepView, ToolSpec
 
 RECENT_EVENTS = 20
 """How many of the latest events the caller passes verbatim; older ones go into the summary."""
 
-# Character budgets for the user message. All sections together get
-# USER_PROMPT_CHARS (framing adds a fixed few hundred); each also has its own cap.
-USER_PROMPT_CHARS = 24_000
-TASK_CHARS = MAX_TASK_CHARS
-INSTRUCTIONS_CHARS = 2_000
-FAILURE_CHARS = 6_000
-PLAN_CHARS = 12_000
-CONTEXT_CHARS = 2_000
-MEMORY_CHARS = 12_000  # the summary and the recent events together
-COMPLETED_CHARS = 12_000
+# Budgets for the user message, in bytes of the request body (see sent_size).
+# All sections together get USER_PROMPT_BYTES (tags and blank lines add a fixed
+# few hundred); each section also has its own cap. Single items are capped in
+# characters (clip).
+USER_PROMPT_BYTES = 24_000
+TASK_BYTES = 12_000  # MAX_TASK_CHARS of plain text fit; it leaves room for the rest
+INSTRUCTIONS_BYTES = 2_000
+FAILURE_BYTES = 6_000
+PLAN_BYTES = 12_000
+CONTEXT_BYTES = 2_000
+MEMORY_BYTES = 12_000  # the summary and the recent events together
+COMPLETED_BYTES = 12_000
 # Caps on single items inside those sections.
 SUMMARY_CHARS = 3_000
 EVENT_CHARS = 1_000
@@ -156,10 +158,20 @@ def clip(text: str, limit: int) -> str:
 
 
 _CUT = " [cut to fit]"
+_NEWLINE = 2  # "\n" inside a JSON string
+
+
+def sent_size(text: str) -> int:
+    """Bytes `text` takes in the request body: inside a JSON string, UTF-8 encoded.
+
+    Budgets are counted in these units, not in characters, because a quote or a
+    newline costs two bytes on the wire and a non-ASCII letter up to four.
+    """
+    return len(json.dumps(text, ensure_ascii=False).encode()) - 2
 
 
 def fit(items: list[str], budget: int) -> list[str]:
-    """The leading items that fit in `budget` characters, one newline after each.
+    """The leading items that fit in `budget` (sent_size, one newline after each).
 
     Items are in priority order. The first item that does not fit is cut so
     that the total is exactly `budget`, which makes a full section the same
@@ -168,20 +180,32 @@ def fit(items: list[str], budget: int) -> list[str]:
     kept: list[str] = []
     room = budget
     for item in items:
-        if len(item) + 1 <= room:
+        size = sent_size(item) + _NEWLINE
+        if size <= room:
             kept.append(item)
-            room -= len(item) + 1
+            room -= size
             continue
-        if room > 0:
-            kept.append(_cut(item, room - 1))
+        if room >= _NEWLINE:
+            kept.append(_cut(item, room - _NEWLINE))
+        elif kept:  # one byte left: too little for a line, so pad the last one
+            kept[-1] += " " * room
         break
     return kept
 
 
 def _cut(item: str, size: int) -> str:
-    if size > len(_CUT):
-        return item[: size - len(_CUT)] + _CUT
-    return _CUT[:size]
+    """The start of `item` plus a marker, padded with spaces to exactly `size` (sent_size)."""
+    marker = _CUT if size >= len(_CUT) else ""
+    room = size - len(marker)
+    used = 0
+    end = 0
+    for char in item:
+        cost = sent_size(char)
+        if used + cost > room:
+            break
+        used += cost
+        end += 1
+    return item[:end] + marker + " " * (room - used)
 
 
 def as_data(value: Any) -> str:
@@ -328,36 +352,53 @@ def user_prompt(request: PlanRequest) -> str:
 
     Sections are filled in priority order (task, instructions, failure, current
     plan, context keys, memory, completed steps), each up to its own cap and
-    all together up to USER_PROMPT_CHARS; the line that reaches a limit is cut
-    to end exactly on it. So once a run has more to say than the budget, its
-    prompt has the same size at every iteration.
+    all together up to USER_PROMPT_BYTES; room a section leaves unused goes to
+    the others, and the line that reaches a limit is cut to end exactly on it.
+    So once a run has more to say than the budget, its prompt has the same
+    size at every iteration.
     """
     clean = _redacted(request)
     sections = [
-        _Section("task", "task", [clean.task], TASK_CHARS),
-        _Section("instructions", "instructions", [_instructions(clean)], INSTRUCTIONS_CHARS),
+        _Section("task", "task", [clean.task], TASK_BYTES),
+        _Section("instructions", "instructions", [_instructions(clean)], INSTRUCTIONS_BYTES),
         _failure(clean),
         _current_plan(clean),
         _context(clean),
         _memory(clean),
         _completed(clean),
     ]
-    kept = _fit_sections(sections, USER_PROMPT_CHARS)
+    kept = _fit_sections(sections, USER_PROMPT_BYTES)
     by_name = {section.name: section for section in sections}
     shown = [_render(by_name[name], kept[name]) for name in _DISPLAY if by_name[name].lines]
     return "\n\n".join([*shown, _render(by_name["instructions"], kept["instructions"])])
 
 
 def _fit_sections(sections: list[_Section], total: int) -> dict[str, list[str]]:
-    """The lines each section keeps, in display order (see user_prompt)."""
-    kept: dict[str, list[str]] = {}
+    """The lines each section keeps, in display order (see user_prompt).
+
+    First each section within its own cap, in priority order; then the room
+    left over goes, in the same order, to sections that had more to show. So
+    the total reaches `total` whenever there is that much to say.
+    """
+    chosen: dict[str, list[str]] = {}
     room = total
-    for section in sections:
-        chosen = fit([section.lines[i] for i in section.fill_order()], min(section.cap, room))
-        room -= sum(len(line) + 1 for line in chosen)
-        picked = dict(zip(section.fill_order(), chosen, strict=False))
-        kept[section.name] = [picked[i] for i in sorted(picked)]
-    return kept
+    for second_pass in (False, True):
+        for section in sections:
+            before = _sent_lines(chosen.get(section.name, []))
+            limit = before + room if second_pass else min(section.cap, room)
+            lines = fit([section.lines[i] for i in section.fill_order()], limit)
+            chosen[section.name] = lines
+            room -= _sent_lines(lines) - before
+    return {section.name: _in_display_order(section, chosen[section.name]) for section in sections}
+
+
+def _sent_lines(lines: list[str]) -> int:
+    return sum(sent_size(line) + _NEWLINE for line in lines)
+
+
+def _in_display_order(section: _Section, chosen: list[str]) -> list[str]:
+    picked = dict(zip(section.fill_order(), chosen, strict=False))
+    return [picked[i] for i in sorted(picked)]
 
 
 def _render(section: _Section, lines: list[str]) -> str:
@@ -378,7 +419,7 @@ def _redacted(request: PlanRequest) -> PlanRequest:
 def _context(request: PlanRequest) -> _Section:
     names = [clip(name, 100) for name in request.context_keys[:CONTEXT_KEYS]]
     lines = [f"Variables the run has set (values hidden): {as_data(names)}"] if names else []
-    return _Section("context_keys", _data_tag("context_keys"), lines, CONTEXT_CHARS)
+    return _Section("context_keys", _data_tag("context_keys"), lines, CONTEXT_BYTES)
 
 
 def _memory(request: PlanRequest) -> _Section:
@@ -390,7 +431,7 @@ def _memory(request: PlanRequest) -> _Section:
     events = [_event_line(e) for e in request.recent_events[-RECENT_EVENTS:]]
     first = len(lines)
     priority = list(range(first)) + list(range(first + len(events) - 1, first - 1, -1))
-    return _Section("memory", _data_tag("memory"), lines + events, MEMORY_CHARS, priority)
+    return _Section("memory", _data_tag("memory"), lines + events, MEMORY_BYTES, priority)
 
 
 def _maybe_json(text: str) -> Any:
@@ -416,7 +457,7 @@ def _completed(request: PlanRequest) -> _Section:
     lines = [_completed_line(s) for s in steps]
     newest_first = list(range(len(lines) - 1, -1, -1))
     return _Section(
-        "completed_steps", _data_tag("completed_steps"), lines, COMPLETED_CHARS, newest_first
+        "completed_steps", _data_tag("completed_steps"), lines, COMPLETED_BYTES, newest_first
     )
 
 
@@ -435,7 +476,7 @@ def _completed_line(step: StepView) -> str:
 def _current_plan(request: PlanRequest) -> _Section:
     steps = sorted(request.current_plan, key=lambda s: s.position)
     lines = [_plan_line(s) for s in steps]
-    return _Section("current_plan", _data_tag("current_plan"), lines, PLAN_CHARS)
+    return _Section("current_plan", _data_tag("current_plan"), lines, PLAN_BYTES)
 
 
 def _plan_line(step: StepView) -> str:
@@ -466,7 +507,7 @@ def _failure(request: PlanRequest) -> _Section:
             "rejection_reason": clip(failure.rejection_reason or "", ERROR_CHARS) or None,
         }
         lines.append(as_data(shown))
-    return _Section("failure", _data_tag("failure"), lines, FAILURE_CHARS)
+    return _Section("failure", _data_tag("failure"), lines, FAILURE_BYTES)
 
 
 def _failed_position(request: PlanRequest) -> int | None:

@@ -43,6 +43,13 @@ from app.engine.models import (
 )
 from app.store.schema import approvals, events, runs, steps
 
+OPEN_STEP_STATUSES = (
+    StepStatus.PENDING,
+    StepStatus.RUNNING,
+    StepStatus.FAILED,
+    StepStatus.REJECTED,
+)
+
 
 class StoreUnavailable(Exception):
     """The database cannot be reached; the message names the URL and what to do."""
@@ -59,7 +66,9 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # No pre-ping: it would add a round trip to every iteration; a dropped connection
+    # raises OperationalError, which the Celery task retries with backoff.
+    return create_engine(url, pool_size=5, max_overflow=5, pool_recycle=3600)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -329,6 +338,20 @@ class Tx:
         )
         return [step_from_row(row) for row in rows]
 
+    def open_steps(self, run_id: str, plan_version: int) -> list[Step]:
+        """The current plan's steps that are not settled: all an iteration decides on,
+        so its cost does not grow as the plan is worked through."""
+        rows = self.conn.execute(
+            select(steps)
+            .where(
+                steps.c.run_id == run_id,
+                steps.c.plan_version == plan_version,
+                steps.c.status.in_(OPEN_STEP_STATUSES),
+            )
+            .order_by(steps.c.position)
+        )
+        return [step_from_row(row) for row in rows]
+
     def all_steps(self, run_id: str) -> list[Step]:
         rows = self.conn.execute(
             select(steps).where(steps.c.run_id == run_id).order_by(steps.c.position)
@@ -352,6 +375,17 @@ class Tx:
             select(steps.c.id, steps.c.position).where(steps.c.id.in_(set(step_ids)))
         )
         return {row.id: row.position for row in rows}
+
+    def step_results(self, run_id: str, positions: set[int]) -> dict[int, Any]:
+        """Results of the run's completed steps at `positions`, by position."""
+        rows = self.conn.execute(
+            select(steps.c.position, steps.c.result).where(
+                steps.c.run_id == run_id,
+                steps.c.position.in_(positions),
+                steps.c.status == StepStatus.COMPLETED,
+            )
+        )
+        return {row.position: row.result for row in rows}
 
     def get_step(self, step_id: int) -> Step:
         row = self.conn.execute(select(steps).where(steps.c.id == step_id)).first()

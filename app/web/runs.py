@@ -1,0 +1,230 @@
+"""The pages people use: the runs list, a new run, a run's live page, decisions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask.typing import ResponseReturnValue
+from sqlalchemy import Row
+
+from app.engine.models import Decision, PauseKind, RunStatus
+from app.notify.recipients import approvers_of
+from app.service import Conflict, InvalidInput, RunView
+from app.store.accounts import User
+from app.store.repo import NotFound
+from app.web import deps, present
+from app.web.auth import current_user, login_required
+from app.web.forms import CancelForm, DecisionForm, NewRunForm, edited_args
+
+bp = Blueprint("runs", __name__)
+
+STATUSES = [s.value for s in RunStatus]
+
+
+@bp.get("/")
+@login_required
+def index() -> ResponseReturnValue:
+    status = request.args.get("status") or None
+    if status is not None and status not in STATUSES:
+        abort(400, f"unknown status {status!r}; one of {', '.join(STATUSES)}")
+    per_page = int(current_app.config["RUNS_PER_PAGE"])
+    page_no = max(1, request.args.get("page", 1, type=int) or 1)
+    page = deps.service().list_runs(status=status, limit=per_page, offset=(page_no - 1) * per_page)
+    pages = max(1, -(-page.total // per_page))
+    return render_template(
+        "runs/list.html",
+        runs=page.rows,
+        total=page.total,
+        status=status,
+        statuses=STATUSES,
+        page=page_no,
+        pages=pages,
+    )
+
+
+@bp.route("/runs/new", methods=["GET", "POST"])
+@login_required
+def new() -> ResponseReturnValue:
+    form = NewRunForm()
+    if form.validate_on_submit():
+        config = form.check_config()
+        if config is not None:
+            try:
+                run_id = deps.service().create_run(
+                    form.task.data or "", config=config, created_by=_user().name
+                )
+            except InvalidInput as exc:
+                _field_for_problem(form, str(exc)).errors.append(str(exc))
+            else:
+                return redirect(url_for("runs.show", run_id=run_id))
+    status = 400 if form.is_submitted() else 200
+    return render_template("runs/new.html", form=form), status
+
+
+def _field_for_problem(form: NewRunForm, message: str) -> Any:
+    """The field an InvalidInput from the service is about."""
+    if message.startswith("approval_required"):
+        return form.approval_required
+    if "planner" in message or "API key" in message:
+        return form.planner
+    return form.task
+
+
+@bp.get("/runs/<run_id>")
+@login_required
+def show(run_id: str) -> ResponseReturnValue:
+    view = _status(run_id)
+    return render_template("runs/show.html", **_page_context(view))
+
+
+@bp.get("/runs/<run_id>/live")
+@login_required
+def live(run_id: str) -> ResponseReturnValue:
+    """What changed since the page last looked: new events (as HTML list items),
+    and every section again when the run itself changed."""
+    after = request.args.get("after", 0, type=int) or 0
+    seen = request.args.get("state", "")
+    # Most polls find the run as it was: read only the new events then, so a
+    # watched page costs the same at iteration 5 as at iteration 5,000.
+    fresh = _status(run_id, after_event=after)
+    state = present.state_key(fresh.run)
+    body: dict[str, Any] = {
+        "state": state,
+        "status": fresh.run.status,
+        "terminal": RunStatus(fresh.run.status).is_terminal,
+        "last_event": fresh.events[-1].id if fresh.events else after,
+        "events": render_template("runs/_events.html", events=fresh.events),
+    }
+    if state != seen:
+        context = _page_context(_status(run_id))
+        body["sections"] = {
+            name: render_template(f"runs/_{name}.html", **context)
+            for name in ("summary", "actions", "plans", "steps")
+        }
+    return jsonify(body)
+
+
+@bp.post("/runs/<run_id>/decide")
+@login_required
+def decide(run_id: str) -> ResponseReturnValue:
+    form = DecisionForm()
+    view = _status(run_id)
+    back = redirect(url_for("runs.show", run_id=run_id))
+    if not form.validate_on_submit():
+        flash("The decision could not be read; nothing was changed.", "error")
+        return back
+    if not may_decide(_user(), view.run):
+        abort(403, "Only the run's approvers may decide about it.")
+    try:
+        _apply_decision(run_id, form, view)
+    except (InvalidInput, ValueError) as exc:
+        flash(f"Nothing was decided: {exc}", "error")
+    except Conflict as exc:
+        flash(f"Nothing was decided: {exc}", "error")
+    else:
+        flash(f"Decision recorded: {form.action.data}. The run resumes.")
+    return back
+
+
+def _apply_decision(run_id: str, form: DecisionForm, view: RunView) -> None:
+    service, who = deps.service(), _user().name
+    approval_id = form.approval_id.data or None
+    action = form.action.data or ""
+    if action == "approve":
+        step = _pending_step(view)
+        args = edited_args(form.args.data, step.args if step is not None else {})
+        service.approve(
+            run_id, by=who, args=args, approval_id=approval_id, channel="web",
+            comment=(form.reason.data or "").strip(),
+        )  # fmt: skip
+    elif action == "reject":
+        service.reject(
+            run_id, by=who, reason=form.reason.data or "", approval_id=approval_id, channel="web"
+        )
+    elif action in {d.value for d in Decision}:
+        service.decide(
+            run_id, Decision(action), by=who, comment=(form.reason.data or "").strip(),
+            approval_id=approval_id, channel="web",
+        )  # fmt: skip
+    else:
+        raise InvalidInput(f"unknown decision {action!r}")
+
+
+@bp.post("/runs/<run_id>/cancel")
+@login_required
+def cancel(run_id: str) -> ResponseReturnValue:
+    form = CancelForm()
+    if form.validate_on_submit():
+        try:
+            deps.service().cancel(run_id, by=_user().name)
+        except Conflict as exc:
+            flash(f"Not cancelled: {exc}", "error")
+        except NotFound:
+            abort(404, f"There is no run {run_id}.")
+        else:
+            flash("The run is cancelled.")
+    return redirect(url_for("runs.show", run_id=run_id))
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def _user() -> User:
+    user = current_user()
+    assert user is not None  # login_required ran first
+    return user
+
+
+def _status(run_id: str, *, after_event: int = 0) -> RunView:
+    try:
+        return deps.service().status(run_id, after_event=after_event)
+    except NotFound:
+        abort(404, f"There is no run {run_id}.")
+
+
+def _pending_step(view: RunView) -> Any:
+    pending = view.pending_approval
+    if pending is None:
+        return None
+    return next((s for s in view.steps if s.id == pending.step_id), None)
+
+
+def may_decide(user: User, run: Row[Any]) -> bool:
+    """A run that names approvers (or a deployment with default approvers) is decided
+    only by them; otherwise by anyone signed in."""
+    approvers = approvers_of(run, deps.settings())
+    return not approvers or user.answers_to(approvers)
+
+
+def _page_context(view: RunView) -> dict[str, Any]:
+    pending = view.pending_approval
+    step = _pending_step(view)
+    user = _user()
+    return {
+        "run": view.run,
+        "steps": view.steps,
+        "events": view.events,
+        "pending": pending,
+        "pending_step": step,
+        "pause_kind": PauseKind(pending.kind) if pending is not None else None,
+        "approvers": approvers_of(view.run, deps.settings()),
+        "can_decide": may_decide(user, view.run),
+        "plans": present.plan_history(view.events, view.steps),
+        "history": present.step_history(view.events),
+        "state": present.state_key(view.run),
+        "last_event": view.events[-1].id if view.events else 0,
+        "active": not RunStatus(view.run.status).is_terminal,
+        "decision_form": DecisionForm(formdata=None),
+        "cancel_form": CancelForm(formdata=None),
+    }

@@ -1,0 +1,85 @@
+// agentloop pages: confirmations, and the run page's live updates.
+// Served from /static (the Content-Security-Policy allows no inline script).
+// Every HTML fragment inserted here was rendered and escaped by the server.
+(function () {
+  "use strict";
+
+  document.addEventListener("submit", function (event) {
+    var message = event.target.getAttribute("data-confirm");
+    if (message && !window.confirm(message)) {
+      event.preventDefault();
+    }
+  });
+
+  function follow(root) {
+    var url = root.getAttribute("data-live-url");
+    var after = root.getAttribute("data-after") || "0";
+    var state = root.getAttribute("data-state") || "";
+    var pause = parseInt(root.getAttribute("data-poll"), 10) || 1000;
+    var timeline = document.getElementById("timeline");
+    var failures = 0;
+
+    function indicator(text) {
+      var live = document.getElementById("live");
+      if (live) {
+        live.textContent = text;
+      }
+    }
+
+    function replaceSections(sections) {
+      Object.keys(sections).forEach(function (name) {
+        var section = document.getElementById(name);
+        if (section) {
+          section.innerHTML = sections[name];
+        }
+      });
+    }
+
+    function apply(data) {
+      if (data.events) {
+        timeline.insertAdjacentHTML("beforeend", data.events);
+      }
+      after = String(data.last_event);
+      if (data.sections) {
+        replaceSections(data.sections);
+        state = data.state;
+      }
+      root.setAttribute("data-status", data.status);
+      root.setAttribute("data-after", after);
+      return !data.terminal;
+    }
+
+    function poll() {
+      var query = "?after=" + encodeURIComponent(after) + "&state=" + encodeURIComponent(state);
+      fetch(url + query, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+        .then(function (response) {
+          if (!response.ok) {
+            throw new Error("HTTP " + response.status);
+          }
+          return response.json();
+        })
+        .then(function (data) {
+          failures = 0;
+          if (apply(data)) {
+            window.setTimeout(poll, pause);
+          } else {
+            indicator("finished");
+          }
+        })
+        .catch(function () {
+          failures += 1;
+          indicator("reconnecting…");
+          window.setTimeout(poll, Math.min(30000, pause * Math.pow(2, failures)));
+        });
+    }
+
+    window.setTimeout(poll, pause);
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var root = document.getElementById("run");
+    if (root && root.getAttribute("data-active") === "1") {
+      follow(root);
+    }
+  });
+})();
