@@ -172,8 +172,8 @@ def measure_floor(hops: int) -> float:
 
 
 def measure_engine(runs: int) -> float:
-    from app.wiring import build_service
     from app.config import load_settings
+    from app.wiring import build_service
     from tasks import CeleryDispatcher, CeleryNotifier
 
     settings = load_settings()

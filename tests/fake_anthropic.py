@@ -31,7 +31,7 @@ tests/conftest.py). Standalone, for a worker in another process:
 
 prints "fake anthropic listening on http://127.0.0.1:PORT" and serves until
 SIGTERM/SIGINT. --record appends one JSON line per request:
-{"index", "path", "bytes", "body"}. GET /_fake/requests returns the same list,
+{"index", "path", "bytes", "received_at", "body"}. GET /_fake/requests returns the same list,
 and POST /_fake/script (a JSON list) appends entries to the running script.
 """
 
@@ -43,6 +43,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -127,6 +128,7 @@ class RecordedRequest:
     headers: dict[str, str]
     raw: bytes
     body: Any  # the parsed JSON, or None when it was not JSON
+    received_at: float = 0.0  # time.time() when the request arrived (before any delay)
 
     @property
     def size(self) -> int:
@@ -136,7 +138,13 @@ class RecordedRequest:
         return self.raw.decode("utf-8", errors="replace")
 
     def summary(self) -> dict[str, Any]:
-        return {"index": self.index, "path": self.path, "bytes": self.size, "body": self.body}
+        return {
+            "index": self.index,
+            "path": self.path,
+            "bytes": self.size,
+            "received_at": self.received_at,
+            "body": self.body,
+        }
 
 
 @dataclass
@@ -349,7 +357,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _record(self, raw: bytes, body: Any) -> None:
         headers = {name.lower(): value for name, value in self.headers.items()}
         with self.state.lock:
-            recorded = RecordedRequest(len(self.state.requests), self.path, headers, raw, body)
+            recorded = RecordedRequest(
+                len(self.state.requests), self.path, headers, raw, body, time.time()
+            )
             self.state.requests.append(recorded)
             if self.state.record_to is not None:
                 with self.state.record_to.open("a") as out:

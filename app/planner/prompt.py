@@ -379,13 +379,21 @@ def _fit_sections(sections: list[_Section], total: int) -> dict[str, list[str]]:
     First each section within its own cap, in priority order; then the room
     left over goes, in the same order, to sections that had more to show. So
     the total reaches `total` whenever there is that much to say.
+
+    The first pass keeps room for the sections after it that have lines (at
+    least the size of the _OMITTED placeholder each), so no section is left
+    empty: an empty one would render the placeholder outside the budget, and a
+    prompt whose last section was squeezed out would outgrow a full one.
     """
     chosen: dict[str, list[str]] = {}
     room = total
+    floor = sent_size(_OMITTED) + _NEWLINE
     for second_pass in (False, True):
-        for section in sections:
+        for index, section in enumerate(sections):
             before = _sent_lines(chosen.get(section.name, []))
-            limit = before + room if second_pass else min(section.cap, room)
+            later = sum(1 for s in sections[index + 1 :] if s.lines)
+            first_limit = max(0, min(section.cap, room - floor * later))
+            limit = before + room if second_pass else first_limit
             lines = fit([section.lines[i] for i in section.fill_order()], limit)
             chosen[section.name] = lines
             room -= _sent_lines(lines) - before

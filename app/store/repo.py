@@ -41,14 +41,8 @@ from app.engine.models import (
     StepStatus,
     idempotency_key,
 )
+from app.store import hot
 from app.store.schema import approvals, events, runs, steps
-
-OPEN_STEP_STATUSES = (
-    StepStatus.PENDING,
-    StepStatus.RUNNING,
-    StepStatus.FAILED,
-    StepStatus.REJECTED,
-)
 
 
 class StoreUnavailable(Exception):
@@ -162,25 +156,10 @@ class Tx:
         """Take the run for one iteration, or None if the message is stale, the run
         is not active, not yet due, or leased to a live worker."""
         result = self.conn.execute(
-            update(runs)
-            .where(
-                runs.c.id == run_id,
-                runs.c.tick == tick,
-                runs.c.status.in_(ACTIVE_STATUSES),
-                or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now),
-                or_(runs.c.next_run_at.is_(None), runs.c.next_run_at <= now),
-            )
-            .values(
-                tick=runs.c.tick + 1,
-                iteration=runs.c.iteration + 1,
-                status=RunStatus.RUNNING,
-                lease_owner=owner,
-                lease_expires_at=lease_until,
-                started_at=func.coalesce(runs.c.started_at, now),
-                updated_at=now,
-            )
-            .returning(*runs.c)
-        )
+            hot.CLAIM,
+            {"p_id": run_id, "p_tick": tick, "p_owner": owner, "p_lease_until": lease_until,
+             "p_now": now},
+        )  # fmt: skip
         return result.first()
 
     def get_run(self, run_id: str) -> Row[Any]:
@@ -252,44 +231,31 @@ class Tx:
         next_run_at: datetime | None,
         lease_until: datetime | None,
     ) -> int | None:
-        values: dict[str, Any] = {"updated_at": now, "next_run_at": next_run_at}
-        if lease_until is not None:
-            values["lease_expires_at"] = lease_until
-        else:
-            values.update(lease_owner=None, lease_expires_at=None)
-        if t.status is not None:
-            values["status"] = t.status
-            if t.status.is_terminal:
-                values["finished_at"] = now
-        if t.new_plan_version is not None:
-            values["plan_version"] = t.new_plan_version
-        if t.replans_delta:
-            values["replans"] = runs.c.replans + t.replans_delta
-        if t.planner_failures is not None:
-            values["planner_failures"] = t.planner_failures
-        if t.context_updates:
-            values["context"] = {**run.context, **t.context_updates}
-        if t.tokens_delta:
-            values["tokens_total"] = runs.c.tokens_total + t.tokens_delta
-        if t.cost_delta:
-            values["cost_usd"] = runs.c.cost_usd + t.cost_delta
-        if t.report is not None:
-            values["report"] = t.report
-        if t.error is not None:
-            values["error"] = t.error
-        query = update(runs).where(runs.c.id == run.id).values(**values).returning(runs.c.tick)
-        if guard.owner is not None:
-            query = query.where(
-                runs.c.lease_owner == guard.owner, runs.c.status == RunStatus.RUNNING
-            )
-        if guard.tick is not None:
-            query = query.where(runs.c.tick == guard.tick)
-        if guard.status is not None:
-            query = query.where(runs.c.status == guard.status)
-        if t.status is RunStatus.RUNNING and guard.status is RunStatus.PAUSED:
+        resuming = t.status is RunStatus.RUNNING and guard.status is RunStatus.PAUSED
+        params = {
+            "p_id": run.id,
+            "g_owner": guard.owner,
+            "g_tick": guard.tick,
+            "g_status": guard.status,
+            "p_now": now,
+            "p_next_run_at": next_run_at,
+            "p_status": t.status,
+            "p_finished_at": now if t.status is not None and t.status.is_terminal else None,
+            "p_plan_version": t.new_plan_version,
+            "p_replans_delta": t.replans_delta,
+            "p_planner_failures": t.planner_failures,
+            # The context is rewritten only when a tool changed it.
+            "p_context": {**run.context, **t.context_updates} if t.context_updates else None,
+            "p_tokens_delta": t.tokens_delta,
+            "p_cost_delta": t.cost_delta,
+            "p_report": t.report,
+            "p_error": t.error,
+            "p_release": lease_until is None,
+            "p_lease_until": lease_until,
             # Resuming a paused run: a new tick makes any message still in flight stale.
-            query = query.values(tick=runs.c.tick + 1)
-        tick = self.conn.execute(query).scalar_one_or_none()
+            "p_tick_delta": 1 if resuming else 0,
+        }
+        tick = self.conn.execute(hot.SAVE_RUN, params).scalar_one_or_none()
         return None if tick is None else int(tick)
 
     def set_status(
@@ -342,13 +308,7 @@ class Tx:
         """The current plan's steps that are not settled: all an iteration decides on,
         so its cost does not grow as the plan is worked through."""
         rows = self.conn.execute(
-            select(steps)
-            .where(
-                steps.c.run_id == run_id,
-                steps.c.plan_version == plan_version,
-                steps.c.status.in_(OPEN_STEP_STATUSES),
-            )
-            .order_by(steps.c.position)
+            hot.OPEN_STEPS, {"p_run_id": run_id, "p_plan_version": plan_version}
         )
         return [step_from_row(row) for row in rows]
 
@@ -394,17 +354,22 @@ class Tx:
         return step_from_row(row)
 
     def _update_step(self, run_id: str, u: StepUpdate, now: datetime) -> None:
-        values: dict[str, Any] = {"updated_at": now}
-        for field in ("status", "attempts", "error_class", "args", "approved_args_hash"):
-            value = getattr(u, field)
-            if value is not None:
-                values[field] = value
-        if u.set_result:
-            values["result"] = u.result
-        if u.set_error:
-            values["error"] = u.error
         self.conn.execute(
-            update(steps).where(steps.c.id == u.step_id, steps.c.run_id == run_id).values(**values)
+            hot.SAVE_STEP,
+            {
+                "p_step_id": u.step_id,
+                "p_run_id": run_id,
+                "p_now": now,
+                "p_status": u.status,
+                "p_attempts": u.attempts,
+                "p_error_class": u.error_class,
+                "p_args": u.args,
+                "p_approved_args_hash": u.approved_args_hash,
+                "p_set_result": u.set_result,
+                "p_result": u.result,
+                "p_set_error": u.set_error,
+                "p_error": u.error,
+            },
         )
 
     def _insert_steps(self, run: RunSnapshot, t: Transition, now: datetime) -> None:
@@ -439,7 +404,7 @@ class Tx:
         if not new_events:
             return
         self.conn.execute(
-            insert(events),
+            hot.INSERT_EVENTS,
             [
                 {
                     "run_id": run_id,

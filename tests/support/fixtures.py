@@ -243,7 +243,14 @@ class Worker:
 def start_worker(
     database_url: str, redis_db: int, tmp_path: Path
 ) -> Iterator[Callable[..., Worker]]:
-    """Start `celery worker` processes (prefork, one child each, beat optional)."""
+    """Start `celery worker` processes (prefork, one child each, beat optional).
+
+    The suite's Redis database is emptied first: messages left by an earlier
+    test (a notification for its run, say) must not reach this test's workers.
+    """
+    import redis
+
+    redis.Redis(host="127.0.0.1", port=6379, db=redis_db).flushdb()
     started: list[Worker] = []
 
     def start(*, beat: bool = True, env: dict[str, str] | None = None, name: str = "w") -> Worker:

@@ -27,6 +27,10 @@ class Failures(BaseModel):
     failures: int = Field(1, ge=0, le=10)
 
 
+class DeleteArgs(BaseModel):
+    path: str = Field(min_length=1, description="what to delete (nothing is deleted)")
+
+
 def effects_log(ctx: ToolContext) -> str:
     return str(ctx.workspace / "effects.log")
 
@@ -87,4 +91,15 @@ def flaky(args: Failures, ctx: ToolContext) -> ToolResult:
     return ToolResult(result={"after_failures": seen}, summary="worked")
 
 
-TOOLS = [noop, effect, idem_effect, flaky]
+@tool(
+    name="delete",
+    description="Deletes a path (for the tests: only records that it ran). Sensitive by name: "
+    "the default approval_required list guards it, the tool itself sets no flag.",
+    args=DeleteArgs,
+)
+def delete(args: DeleteArgs, ctx: ToolContext) -> ToolResult:
+    _append(ctx, f"delete {args.path} {ctx.idempotency_key}")
+    return ToolResult(result={"deleted": args.path}, summary=f"deleted {args.path}")
+
+
+TOOLS = [noop, effect, idem_effect, flaky, delete]
