@@ -50,7 +50,7 @@ def check_broker(settings: Settings) -> None:
     except Exception as exc:
         url = redact_url(settings.resolved_broker_url)
         raise BrokerUnavailable(
-            f"cannot reach the broker at {url}: {exc}. Start it (redis-server) or set "
+            f"cannot reach the broker at {url}: {str(exc).rstrip('.')}. Start it (redis-server) or set "
             "CELERY_BROKER_URL; leave it unset for the embedded filesystem broker."
         ) from None
 

@@ -121,7 +121,6 @@ class RunConfig(BaseModel):
     planner: str = Field("auto", pattern=r"^(auto|offline|anthropic)$")
     runbook: str | None = Field(None, max_length=100)
     model: str = Field("claude-sonnet-4-20250514", min_length=1, max_length=100)
-    temperature: float = Field(0.3, ge=0, le=1)
     max_tokens: int = Field(4096, ge=256, le=64_000)
     max_iterations: int = Field(50, ge=1, le=10_000)
     timeout: float = Field(600.0, gt=0, le=7 * 24 * 3600, description="seconds, whole run")

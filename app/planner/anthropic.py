@@ -20,8 +20,9 @@ the loop's own countdown does the waiting. What a person must fix (the key,
 the model, the request) becomes PlannerFatal with a message saying what to fix.
 
 API version notes (anthropic SDK 2.x sends anthropic-version 2026-10-21):
-- `temperature` is not sent: that API version rejects sampling parameters with
-  a 400 even at their defaults, so config.temperature has no effect.
+- No `temperature`: that API version rejects sampling parameters with a 400
+  even at their defaults (and the SDK's create() no longer takes them), so the
+  run config has no temperature option.
 - Some models reject forced tool_choice (Claude Sonnet 5.5 does). For those,
   and for any model whose 400 says so, the request falls back to
   tool_choice "auto"; the prompt and the repair loop still insist on the
