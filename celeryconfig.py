@@ -25,6 +25,8 @@ if _settings.uses_filesystem_broker:
         data_folder_in=_folder,
         data_folder_out=_folder,
         processed_folder=_folder + "-processed",
+        # Exchange bindings; kombu's default is ./control in the working directory.
+        control_folder=_folder + "-control",
         store_processed=False,
         polling_interval=_settings.filesystem_polling_interval,
     )

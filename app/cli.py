@@ -50,8 +50,9 @@ def check_broker(settings: Settings) -> None:
     except Exception as exc:
         url = redact_url(settings.resolved_broker_url)
         raise BrokerUnavailable(
-            f"cannot reach the broker at {url}: {str(exc).rstrip('.')}. Start it (redis-server) or set "
-            "CELERY_BROKER_URL; leave it unset for the embedded filesystem broker."
+            f"cannot reach the broker at {url}: {str(exc).rstrip('.')}. Start it "
+            "(redis-server) or set CELERY_BROKER_URL; leave it unset for the embedded "
+            "filesystem broker."
         ) from None
 
 
