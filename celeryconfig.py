@@ -31,6 +31,7 @@ if _settings.uses_filesystem_broker:
         polling_interval=_settings.filesystem_polling_interval,
     )
 
+task_default_queue = _settings.queue
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1

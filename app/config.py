@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     sweep_grace: float = Field(30.0, gt=0, le=3600)
     sweep_interval: float = Field(15.0, gt=0, le=3600)
     broker_visibility_timeout: int = Field(3600, ge=60)
+    # The Celery queue every agentloop task goes to (tests use one per session).
+    queue: str = Field("agentloop", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
     filesystem_polling_interval: float = Field(0.05, gt=0, le=10)
     slack_webhook_url: str = Field(
         "", validation_alias=AliasChoices("SLACK_WEBHOOK_URL", "AGENTLOOP_SLACK_WEBHOOK_URL")

@@ -178,7 +178,7 @@ def measure_engine(runs: int) -> float:
 
     settings = load_settings()
     service = build_service(settings, CeleryDispatcher(settings.max_countdown), CeleryNotifier())
-    process = worker("tasks", "celery")
+    process = worker("tasks", settings.queue)
     iterations, elapsed = 0, 0.0
     try:
         for n in range(runs):

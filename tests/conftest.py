@@ -16,8 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(tempfile.mkdtemp(prefix="agentloop-tests-"))
 TEST_DB = f"agentloop_test_{os.getpid()}"
 PG_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
-REDIS_DB = 13  # the suite's own Redis database, flushed before and after
+REDIS_DB = 13  # the suite's own Redis database
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+# A queue of the session's own, so two sessions on one machine never take each
+# other's messages.
+QUEUE = f"agentloop-test-{os.getpid()}"
 
 # Every process of the suite (this one, the workers it starts) reads the same
 # settings from the environment, set before anything imports the Celery app.
@@ -31,6 +34,7 @@ os.environ.update(
     AGENTLOOP_SWEEP_GRACE="0.5",
     AGENTLOOP_SWEEP_INTERVAL="0.5",
     AGENTLOOP_SECRET_KEY="test-secret-key-not-for-production",
+    AGENTLOOP_QUEUE=QUEUE,
 )
 for _name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "SLACK_WEBHOOK_URL"):
     os.environ.pop(_name, None)

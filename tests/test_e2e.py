@@ -17,7 +17,7 @@ from app.engine.models import Decision, RunStatus
 from app.service import AgentService
 from tasks import advance
 from tests.conftest import REDIS_DB
-from tests.support.fixtures import wait_until, workspace
+from tests.support.fixtures import drop_queue, wait_until, workspace
 
 pytestmark = pytest.mark.e2e
 
@@ -158,7 +158,7 @@ def test_a_run_whose_message_is_lost_is_resumed_by_the_sweep(start_worker, live_
         what="the first retry to be scheduled",
     )
     worker.stop()  # the retry message, restored to Redis at shutdown ...
-    redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()  # ... is lost
+    drop_queue(redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB))  # ... is lost
     start_worker(beat=True)
     view = wait_for_status(live_service, run_id, "completed", "failed", timeout=60)
     assert view.run.status == RunStatus.COMPLETED

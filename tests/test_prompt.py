@@ -9,12 +9,13 @@ from typing import Any
 
 from app.engine.actions import Failure
 from app.engine.models import ErrorClass, RunConfig
+from app.engine.redact import MASK as REDACTED
+from app.engine.redact import redact
 from app.planner import prompt
 from app.planner.base import EventView, PlanRequest, StepView, ToolSpec
 from app.planner.prompt import (
     FINISH,
     RECENT_EVENTS,
-    REDACTED,
     SUBMIT_PLAN,
     SYSTEM_PROMPT,
     USER_PROMPT_BYTES,
@@ -23,7 +24,6 @@ from app.planner.prompt import (
     completed_positions,
     fit,
     next_position,
-    redact,
     sent_size,
     summarize_events,
     system_blocks,

@@ -11,7 +11,7 @@ from app.engine.models import PlannedStep, Step
 
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|PASS|CREDENTIAL|AUTH", re.IGNORECASE)
 MASK = "***"
-# Shorter values would mask ordinary words; such "secrets" are not worth hiding.
+# Replacing a two-letter "secret" everywhere would wreck a prompt and protect nothing.
 MIN_SECRET_LEN = 4
 
 
@@ -33,20 +33,23 @@ def secret_values(
 
 
 def redact(value: Any, secrets: Iterable[str]) -> Any:
-    """`value` with every occurrence of each secret replaced by ***, recursively."""
-    secrets = list(secrets)
-    if not secrets:
+    """A copy of `value` with every secret replaced by ***.
+
+    Walks dicts (keys and values), lists and tuples to any depth. Longer secrets
+    are replaced first, so one that contains another is not half-replaced;
+    secrets shorter than MIN_SECRET_LEN are ignored.
+    """
+    usable = sorted({s for s in secrets if len(s) >= MIN_SECRET_LEN}, key=len, reverse=True)
+    if not usable:
         return value
-    return _redact(value, secrets)
+    return _redact(value, re.compile("|".join(re.escape(secret) for secret in usable)))
 
 
-def _redact(value: Any, secrets: list[str]) -> Any:
+def _redact(value: Any, pattern: re.Pattern[str]) -> Any:
     if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, MASK)
-        return value
+        return pattern.sub(MASK, value)
     if isinstance(value, Mapping):
-        return {k: _redact(v, secrets) for k, v in value.items()}
+        return {_redact(k, pattern): _redact(v, pattern) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_redact(v, secrets) for v in value]
+        return [_redact(item, pattern) for item in value]
     return value

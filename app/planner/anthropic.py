@@ -52,6 +52,7 @@ from app.engine.actions import (
     PlanProduced,
 )
 from app.engine.models import PlannedStep, PlanSteps
+from app.engine.redact import redact
 from app.planner.base import PlanCheck, PlanRequest
 from app.planner.pricing import cost_usd
 from app.planner.prompt import (
@@ -60,7 +61,6 @@ from app.planner.prompt import (
     SUBMIT_PLAN,
     completed_positions,
     next_position,
-    redact,
     system_blocks,
     tool_definitions,
     user_prompt,

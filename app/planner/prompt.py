@@ -26,14 +26,15 @@ never leave half a secret behind.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app.engine.models import MAX_STEPS_PER_PLAN
+from app.engine.redact import MASK as REDACTED
+from app.engine.redact import redact
 from app.planner.base import EventView, PlanRequest, StepView, ToolSpec
 
 RECENT_EVENTS = 20
@@ -60,10 +61,6 @@ ERROR_CHARS = 2_000
 CONTEXT_KEYS = 100
 SUMMARY_ITEMS = 5  # per list in the running summary
 SUMMARY_ITEM_CHARS = 240
-
-REDACTED = "***"
-# Replacing a two-letter "secret" everywhere would wreck the prompt and protect nothing.
-MIN_SECRET_CHARS = 4
 
 SUBMIT_PLAN = "submit_plan"
 FINISH = "finish"
@@ -123,31 +120,6 @@ around it.
 
 
 # --- secrets and truncation ---------------------------------------------------------
-
-
-def redact(obj: Any, secrets: Iterable[str]) -> Any:
-    """A copy of `obj` with every secret replaced by `***`.
-
-    Walks dicts (keys and values), lists and tuples to any depth; other values
-    are returned as they are. Longer secrets are replaced first, so one that
-    contains another is not half-replaced. Secrets shorter than
-    MIN_SECRET_CHARS are ignored.
-    """
-    usable = sorted({s for s in secrets if len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True)
-    if not usable:
-        return obj
-    pattern = re.compile("|".join(re.escape(secret) for secret in usable))
-    return _redact(obj, pattern)
-
-
-def _redact(obj: Any, pattern: re.Pattern[str]) -> Any:
-    if isinstance(obj, str):
-        return pattern.sub(REDACTED, obj)
-    if isinstance(obj, Mapping):
-        return {_redact(key, pattern): _redact(value, pattern) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_redact(item, pattern) for item in obj]
-    return obj
 
 
 def clip(text: str, limit: int) -> str:

@@ -29,6 +29,7 @@ from typing import IO, Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.engine.models import ErrorClass
+from app.engine.redact import MASK, is_secret_name
 from app.tools.registry import Tool, ToolContext, ToolError, ToolResult, tool
 
 OUTPUT_LIMIT = 16 * 1024  # bytes of command output / response body kept in a result
@@ -41,7 +42,6 @@ HTTP_TOOL_TIMEOUT = 60.0
 TIMEOUT_MARGIN = 5.0
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
 SAFE_ENV_NAMES = ("PATH", "HOME", "LANG")
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASS|CREDENTIAL")
 URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
 KEPT_RESPONSE_HEADERS = (
     "content-type",
@@ -380,14 +380,9 @@ def http_request(args: HttpArgs, ctx: ToolContext) -> ToolResult:
 # --- set_env ----------------------------------------------------------------------
 
 
-def looks_secret(name: str) -> bool:
-    """Whether an env var's name suggests its value must not be shown."""
-    return SECRET_NAME.search(name.upper()) is not None
-
-
 def shown_value(name: str, value: str) -> str:
     """`value` fit for a summary: *** for a secret-looking name, URL passwords masked."""
-    return "***" if looks_secret(name) else _redact_url(value)
+    return MASK if is_secret_name(name) else _redact_url(value)
 
 
 class SetEnvArgs(BaseModel):

@@ -24,7 +24,7 @@ from app.service import AgentService, Notice
 from app.store.migrate import upgrade
 from app.store.repo import Store, make_engine
 from app.tools.registry import load_registry
-from tests.conftest import DATA_DIR, PG_SERVER, REDIS_DB, ROOT, TEST_DB
+from tests.conftest import DATA_DIR, PG_SERVER, QUEUE, REDIS_DB, ROOT, TEST_DB
 
 CI = os.environ.get("CI") == "true"
 
@@ -74,7 +74,7 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_db() -> Iterator[int]:
-    """The suite's own Redis database number, empty before and after."""
+    """The suite's own Redis database number; the session's queue is removed after."""
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
@@ -82,10 +82,16 @@ def redis_db() -> Iterator[int]:
         client.ping()
     except Exception as exc:
         require("Redis", exc)
-    client.flushdb()
     yield REDIS_DB
-    client.flushdb()
+    drop_queue(client)
     client.close()
+
+
+def drop_queue(client: Any) -> None:
+    """Delete the session's queue (and its priority lists): what a broker loses."""
+    client.delete(QUEUE)
+    for key in client.scan_iter(f"{QUEUE}\x06\x16*"):  # kombu's priority lists
+        client.delete(key)
 
 
 @pytest.fixture(scope="session")
@@ -245,12 +251,14 @@ def start_worker(
 ) -> Iterator[Callable[..., Worker]]:
     """Start `celery worker` processes (prefork, one child each, beat optional).
 
-    The suite's Redis database is emptied first: messages left by an earlier
-    test (a notification for its run, say) must not reach this test's workers.
+    The session's queue is emptied first: messages left by an earlier test (a
+    notification for its run, say) must not reach this test's workers.
     """
     import redis
 
-    redis.Redis(host="127.0.0.1", port=6379, db=redis_db).flushdb()
+    client = redis.Redis(host="127.0.0.1", port=6379, db=redis_db)
+    drop_queue(client)
+    client.close()
     started: list[Worker] = []
 
     def start(*, beat: bool = True, env: dict[str, str] | None = None, name: str = "w") -> Worker:
