@@ -624,7 +624,7 @@ class AgentService:
             )
             if tick is None:
                 raise Conflict(f"run {run_id} is no longer paused")
-        self.dispatcher.enqueue(run_id, tick, 0)
+        self._after_commit(run_id, tick, transition)
 
     @staticmethod
     def _why_not_pending(row: Row[Any], approval: Row[Any] | None) -> str:
