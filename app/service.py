@@ -300,17 +300,13 @@ class AgentService:
                 self._save(tx, run, settled, guard=owner, now=now)
                 return settled
             case Execute():
-                began = begin_step(run, action)
-                timeout = self._step_timeout(run, run.step(action.step_id), now)
-                self._save(
-                    tx,
-                    run,
-                    began,
-                    guard=owner,
-                    now=now,
-                    lease_until=now + timedelta(seconds=timeout + self.lease_grace),
-                )
                 step = run.step(action.step_id)
+                began = begin_step(run, action)
+                # The lease covers the whole tool call; a crash is noticed when it lapses.
+                lease = self._step_timeout(run, step, now) + self.lease_grace
+                self._save(
+                    tx, run, began, guard=owner, now=now, lease_until=now + timedelta(seconds=lease)
+                )
                 return SlowWork(
                     apply_transition(run, began), args=self._resolve_args(tx, run, step)
                 )

@@ -104,6 +104,7 @@ class ToolRegistry:
     def __init__(self, tools: Iterable[Tool] = ()) -> None:
         self._tools: dict[str, Tool] = {}
         self._specs: dict[str, dict[str, Any]] = {}
+        self._policies: dict[str, ToolPolicy] = {}
         for tool in tools:
             self.register(tool)
 
@@ -111,8 +112,10 @@ class ToolRegistry:
         if tool.name in self._tools:
             raise ValueError(f"tool {tool.name!r} is registered twice")
         self._tools[tool.name] = tool
-        # JSON schema generation is slow; a planner asks for every spec on every call.
+        # Built once: schemas are slow to generate, and every iteration asks for the
+        # policies and every planner call for the specs.
         self._specs[tool.name] = tool.spec()
+        self._policies[tool.name] = tool.policy
 
     def get(self, name: str) -> Tool:
         try:
@@ -127,8 +130,8 @@ class ToolRegistry:
     def __iter__(self) -> Any:
         return iter(self._tools.values())
 
-    def policies(self) -> dict[str, ToolPolicy]:
-        return {name: tool.policy for name, tool in self._tools.items()}
+    def policies(self) -> Mapping[str, ToolPolicy]:
+        return self._policies
 
     def specs(self) -> list[dict[str, Any]]:
         return list(self._specs.values())
