@@ -462,7 +462,6 @@ class Tx:
                 status="pending",
                 reason=request.reason,
                 args_hash=request.args_hash,
-                notified=False,
                 created_at=now,
             )
         )

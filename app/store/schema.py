@@ -12,7 +12,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    Boolean,
     Column,
     DateTime,
     Float,
@@ -142,7 +141,6 @@ approvals = Table(
     Column("decided_at", UTCDateTime),
     Column("comment", Text),
     Column("edited_args", Json),
-    Column("notified", Boolean, nullable=False, default=False),
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_approvals_run_status", "run_id", "status"),
 )
