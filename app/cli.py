@@ -295,3 +295,7 @@ def user_token(name: str, label: str) -> None:
     if found is None:
         raise NotFound(f"no user named {name!r}; create one with `agentloop user add {name}`")
     click.echo(accounts.issue_token(found.id, label=label))
+
+
+if __name__ == "__main__":
+    main()
