@@ -483,9 +483,9 @@ class AgentService:
             tools=self._tool_specs(),
             failure=action.failure,
             completed=[
-                _step_view(s) for s in tx.completed_steps(run.id, limit=RECENT_COMPLETED_STEPS)
+                StepView.of(s) for s in tx.completed_steps(run.id, limit=RECENT_COMPLETED_STEPS)
             ],
-            current_plan=[_step_view(s) for s in tx.plan_steps(run.id, run.plan_version)],
+            current_plan=[StepView.of(s) for s in tx.plan_steps(run.id, run.plan_version)],
             recent_events=[_event_view(e, positions) for e in recent],
             memory_summary=summary,
             context_keys=sorted(run.context),
@@ -778,19 +778,6 @@ def _status_event(message: str) -> NewEvent:
 
 def _error_event(message: str) -> NewEvent:
     return NewEvent(kind=EventKind.ERROR, message=message)
-
-
-def _step_view(step: Step) -> StepView:
-    return StepView(
-        position=step.position,
-        plan_version=step.plan_version,
-        description=step.description,
-        tool=step.tool,
-        args=step.args,
-        status=step.status,
-        result=step.result,
-        error=step.error,
-    )
 
 
 def _event_view(row: Row[Any], positions: Mapping[int, int]) -> EventView:

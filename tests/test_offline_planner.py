@@ -356,19 +356,7 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def views(run: RunSnapshot, steps: list[Step]) -> list[StepView]:
-    return [
-        StepView(
-            position=s.position,
-            plan_version=s.plan_version,
-            description=s.description,
-            tool=s.tool,
-            args=s.args,
-            status=s.status,
-            result=s.result,
-            error=s.error,
-        )
-        for s in steps
-    ]
+    return [StepView.of(s) for s in steps]
 
 
 def ask_planner(planner: OfflinePlanner, run: RunSnapshot, action: Plan) -> PlanOutcome:

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 
 from app.engine.actions import Failure, PlanOutcome
-from app.engine.models import JSONDict, PlannedStep, RunConfig
+from app.engine.models import JSONDict, PlannedStep, RunConfig, Step
 
 
 class ToolSpec(BaseModel):
@@ -39,6 +39,19 @@ class StepView(BaseModel):
     status: str
     result: Any = None
     error: str | None = None
+
+    @classmethod
+    def of(cls, step: Step) -> StepView:
+        return cls(
+            position=step.position,
+            plan_version=step.plan_version,
+            description=step.description,
+            tool=step.tool,
+            args=step.args,
+            status=step.status,
+            result=step.result,
+            error=step.error,
+        )
 
 
 class EventView(BaseModel):
