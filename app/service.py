@@ -237,20 +237,20 @@ class AgentService:
         """Advance a run by one iteration, if this message is still current."""
         now = self.clock()
         with self.store.transaction() as tx:
-            row = tx.claim(
+            claim = tx.claim(
                 run_id,
                 tick=tick,
                 owner=self.worker_id,
                 lease_until=now + timedelta(seconds=self.lease_grace),
                 now=now,
             )
-            if row is None:
+            if claim is None:
                 self._unclaimed(tx, run_id, tick, now)
                 return
-            run = snapshot_from_row(row, tx.open_steps(run_id, row.plan_version))
-            planner_kind = row.planner
+            run = snapshot_from_row(claim.row, claim.steps)
+            planner_kind = claim.row.planner
             action = decide(run, now=now, tools=self.tools.policies())
-            prepared = self._prepare(tx, row, run, action, now)
+            prepared = self._prepare(tx, claim.row, run, action, now)
         if isinstance(prepared, Transition):
             self._after_commit(run.id, run.tick, prepared)
             return
@@ -311,6 +311,9 @@ class AgentService:
                     apply_transition(run, began), args=self._resolve_args(tx, run, step)
                 )
             case Plan():
+                # A new plan supersedes every pending step: the planner and the fold
+                # see the whole current plan, not only the steps `decide` looked at.
+                run = run.model_copy(update={"steps": tx.plan_steps(run.id, run.plan_version)})
                 request = self._plan_request(tx, row, run, action)
                 lease = self.llm_timeout * (run.config.max_plan_repairs + 1) + self.lease_grace
                 tx.apply(
@@ -485,7 +488,7 @@ class AgentService:
             completed=[
                 StepView.of(s) for s in tx.completed_steps(run.id, limit=RECENT_COMPLETED_STEPS)
             ],
-            current_plan=[StepView.of(s) for s in tx.plan_steps(run.id, run.plan_version)],
+            current_plan=[StepView.of(s) for s in run.steps],
             recent_events=[_event_view(e, positions) for e in recent],
             memory_summary=summary,
             context_keys=sorted(run.context),

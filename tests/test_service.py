@@ -4,17 +4,20 @@ boundary is replaced): ticks, leases, approvals, cancel, sweep, bad input."""
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 
-from app.engine.actions import PlanProduced
+from app.engine.actions import Execute, PlanProduced, StepSucceeded
+from app.engine.apply import apply_transition
+from app.engine.machine import begin_step, fold_step
 from app.engine.models import Decision, PlannedStep, RunStatus, StepStatus
 from app.service import Conflict, InvalidInput
-from app.store.repo import NotFound
+from app.store.repo import Guard, NotFound, Store, snapshot_from_row
 from app.store.schema import runs
-from tests.support.fixtures import Harness, make_harness, steps
+from tests.support.fixtures import Harness, make_harness, steps, wait_until
 
 
 def run_row(harness: Harness, run_id: str):
@@ -96,6 +99,53 @@ def test_two_workers_never_advance_one_run_at_once(store, tmp_path: Path):
     log = (ws / "effects.log").read_text().splitlines()
     assert sum(line.startswith("start") for line in log) == 1
     assert run_row(first, run_id).iteration == 2
+
+
+def test_a_claim_over_a_lapsed_lease_sees_what_the_holder_saved_meanwhile(
+    store: Store, tmp_path: Path
+):
+    """The holder of a lapsed lease saves its result while another worker's claim
+    waits for the row: the claim must decide on the saved steps, not on the ones
+    its statement saw when it started (the effect would look interrupted)."""
+    first = make_harness(store, tmp_path, worker_id="first")
+    second = make_harness(store, tmp_path, worker_id="second")
+    first.planner.script = [steps("effect", "noop")]
+    run_id = first.service.create_run("a slow effect")
+    first.step()  # plan
+    _, tick, _ = first.dispatcher.pop()
+    now, lease = first.clock(), first.clock() + timedelta(seconds=1)
+    with store.transaction() as tx:  # the first worker claims and starts the effect
+        claim = tx.claim(run_id, tick=tick, owner="first", lease_until=lease, now=now)
+        assert claim is not None
+        run = snapshot_from_row(claim.row, claim.steps)
+        began = begin_step(run, Execute(step_id=run.steps[0].id))
+        holder = Guard(owner="first", tick=run.tick)
+        tx.apply(run, began, guard=holder, now=now, next_run_at=None, lease_until=lease)
+    run = apply_transition(run, began)
+    done = fold_step(run, run.steps[0], StepSucceeded(result={"ok": True}), jitter_sample=0.0)
+    second.clock.advance(60)  # the lease has lapsed when the second worker gets a message
+    with store.transaction() as tx:
+        assert tx.apply(run, done, guard=holder, now=now, next_run_at=now) is not None
+        claimer = threading.Thread(target=second.service.advance, args=(run_id, run.tick))
+        claimer.start()
+        wait_until(lambda: lock_waiters(store), what="the claim to wait for the row lock")
+    claimer.join()
+    view = second.service.status(run_id)
+    assert view.run.status == RunStatus.RUNNING
+    assert [s.status for s in view.steps] == [StepStatus.COMPLETED] * 2
+    assert view.steps[0].result == {"ok": True}
+
+
+def lock_waiters(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        )
 
 
 def test_sql_statements_per_iteration_do_not_grow_with_the_run(harness: Harness, store):

@@ -188,7 +188,8 @@ def args_hash(args: JSONDict) -> str:
 
 
 class RunSnapshot(BaseModel):
-    """What one iteration knows about a run: the row plus the current plan's steps."""
+    """What one iteration knows about a run: the row plus the steps of the current
+    plan it acts on — those `decide` looks at, or the whole plan when re-planning."""
 
     id: str
     task: str

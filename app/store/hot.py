@@ -4,9 +4,16 @@ Building a SQLAlchemy statement costs more Python time than running it on a
 loopback database, so the hot path (claim, load the open steps, save the run,
 save a step, append events) uses fixed-shape statements: a value that a
 transition leaves alone is passed as NULL and kept by COALESCE / CASE.
+
+On PostgreSQL, APPLY writes a transition's run, step and event changes in one
+statement: each statement costs a round trip and a parse, and an iteration
+writes twice. Step updates and events travel as JSON arrays, so the statement
+keeps one shape whatever their number.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -14,16 +21,20 @@ from sqlalchemy import (
     Boolean,
     Float,
     Integer,
+    Select,
     String,
     Text,
     and_,
     bindparam,
     case,
+    column,
+    exists,
     func,
     insert,
     null,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -33,14 +44,6 @@ from app.store.schema import UTCDateTime, events, runs, steps
 
 # None must mean SQL NULL here (keep the column), not the JSON value null.
 JsonOrNull = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
-
-OPEN_STEP_STATUSES = (
-    StepStatus.PENDING,
-    StepStatus.RUNNING,
-    StepStatus.FAILED,
-    StepStatus.REJECTED,
-)
-
 
 NOW = bindparam("p_now", type_=UTCDateTime())
 
@@ -65,14 +68,56 @@ CLAIM = (
     .returning(*runs.c)
 )
 
-OPEN_STEPS = (
-    select(steps)
-    .where(
-        steps.c.run_id == bindparam("p_run_id", type_=String()),
-        steps.c.plan_version == bindparam("p_plan_version", type_=Integer()),
-        steps.c.status.in_(OPEN_STEP_STATUSES),
+
+def decision_steps(run_id: Any, plan_version: Any) -> Select[Any]:
+    """The steps of a plan that `decide` looks at: every running, failed or rejected
+    one and the first pending one — a handful, however long the plan is."""
+    pending = steps.alias("first_pending")
+    first_pending = (
+        select(pending.c.id)
+        .where(
+            pending.c.run_id == run_id,
+            pending.c.plan_version == plan_version,
+            pending.c.status == StepStatus.PENDING,
+        )
+        .order_by(pending.c.position)
+        .limit(1)
+        .correlate_except(pending)  # run_id may come from an enclosing query
+        .scalar_subquery()
     )
-    .order_by(steps.c.position)
+    return (
+        select(steps)
+        .where(
+            steps.c.run_id == run_id,
+            steps.c.plan_version == plan_version,
+            or_(
+                steps.c.status.in_((StepStatus.RUNNING, StepStatus.FAILED, StepStatus.REJECTED)),
+                steps.c.id == first_pending,
+            ),
+        )
+        .order_by(steps.c.position)
+    )
+
+
+DECISION_STEPS = decision_steps(
+    bindparam("p_run_id", type_=String()), bindparam("p_plan_version", type_=Integer())
+)
+
+# PostgreSQL: the claim and the steps it decides on, in one statement. The steps
+# come from the statement's snapshot, which can predate the row version the claim
+# updated; `seen_lease_owner` (the snapshot's) tells the caller when that matters.
+_claimed = CLAIM.cte("claimed")
+_seen = runs.alias("seen")
+_step = decision_steps(_claimed.c.id, _claimed.c.plan_version).lateral("step")
+STEP_PREFIX = "step_"
+CLAIM_WITH_STEPS = (
+    select(
+        _claimed,
+        _seen.c.lease_owner.label("seen_lease_owner"),
+        *[column.label(STEP_PREFIX + column.name) for column in _step.c],
+    )
+    .select_from(_claimed.join(_seen, _seen.c.id == _claimed.c.id).outerjoin(_step, true()))
+    .order_by(_step.c.position)
 )
 
 _RELEASE = bindparam("p_release", type_=Boolean())
@@ -145,3 +190,68 @@ SAVE_STEP = (
 )
 
 INSERT_EVENTS = insert(events)
+
+
+def _json_rows(name: str, *columns: Any) -> Any:
+    """`jsonb_to_recordset(:name) AS name(columns...)`: a JSON array as rows."""
+    rows = func.jsonb_to_recordset(bindparam(name, type_=JSONB()))
+    return rows.table_valued(*columns).render_derived(name, with_types=True)
+
+
+_saved = SAVE_RUN.cte("saved_run")
+_updates = _json_rows(
+    "p_step_updates",
+    column("step_id", BigInteger()),
+    column("status", String()),
+    column("attempts", Integer()),
+    column("error_class", String()),
+    column("args", JSONB()),
+    column("approved_args_hash", String()),
+    column("set_result", Boolean()),
+    column("result", JSONB()),
+    column("set_error", Boolean()),
+    column("error", Text()),
+)
+_new_events = _json_rows(
+    "p_events",
+    column("step_id", BigInteger()),
+    column("kind", String()),
+    column("message", Text()),
+    column("data", JSONB()),
+)
+_saved_steps = (
+    update(steps)
+    .where(
+        steps.c.id == _updates.c.step_id,
+        steps.c.run_id == bindparam("p_id", type_=String()),
+        exists(select(_saved.c.tick)),  # only when the run's guard held
+    )
+    .values(
+        updated_at=NOW,
+        status=func.coalesce(_updates.c.status, steps.c.status),
+        attempts=func.coalesce(_updates.c.attempts, steps.c.attempts),
+        error_class=func.coalesce(_updates.c.error_class, steps.c.error_class),
+        args=func.coalesce(_updates.c.args, steps.c.args),
+        approved_args_hash=func.coalesce(_updates.c.approved_args_hash, steps.c.approved_args_hash),
+        result=case((_updates.c.set_result, _updates.c.result), else_=steps.c.result),
+        error=case((_updates.c.set_error, _updates.c.error), else_=steps.c.error),
+    )
+    .cte("saved_steps")
+)
+_logged = (
+    insert(events)
+    .from_select(
+        ["run_id", "iteration", "step_id", "kind", "message", "data", "created_at"],
+        select(
+            bindparam("p_id", type_=String()),
+            bindparam("p_iteration", type_=Integer()),
+            _new_events.c.step_id,
+            _new_events.c.kind,
+            _new_events.c.message,
+            _new_events.c.data,
+            NOW,
+        ).select_from(_saved.join(_new_events, true())),
+    )
+    .cte("logged_events")
+)
+APPLY = select(_saved.c.tick).add_cte(_saved_steps, _logged)

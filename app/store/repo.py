@@ -74,6 +74,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A claimed run: its row, and the steps `decide` needs (see hot.decision_steps)."""
+
+    row: Row[Any]
+    steps: list[Step]
+
+
+@dataclass(frozen=True)
 class Guard:
     """The condition under which a transition may be written to a run."""
 
@@ -152,15 +160,32 @@ class Tx:
 
     def claim(
         self, run_id: str, *, tick: int, owner: str, lease_until: datetime, now: datetime
-    ) -> Row[Any] | None:
-        """Take the run for one iteration, or None if the message is stale, the run
-        is not active, not yet due, or leased to a live worker."""
-        result = self.conn.execute(
-            hot.CLAIM,
-            {"p_id": run_id, "p_tick": tick, "p_owner": owner, "p_lease_until": lease_until,
-             "p_now": now},
-        )  # fmt: skip
-        return result.first()
+    ) -> Claim | None:
+        """Take the run for one iteration, with the steps it decides on; None if the
+        message is stale, the run is not active, not yet due, or leased to a live worker."""
+        params = {"p_id": run_id, "p_tick": tick, "p_owner": owner,
+                  "p_lease_until": lease_until, "p_now": now}  # fmt: skip
+        if self.conn.dialect.name != "postgresql":
+            row = self.conn.execute(hot.CLAIM, params).first()
+            return None if row is None else Claim(row, self.decision_steps(run_id, row))
+        rows = self.conn.execute(hot.CLAIM_WITH_STEPS, params).all()
+        if not rows:
+            return None
+        row = rows[0]
+        if row.seen_lease_owner is not None:
+            # The claim took over a lapsed lease, whose holder may have saved its
+            # work after this statement's snapshot was taken: read the steps anew.
+            return Claim(row, self.decision_steps(run_id, row))
+        # Otherwise the snapshot is current: every write to an active run comes from
+        # the lease holder (there was none) or moves the tick (the claim would fail).
+        prefix = hot.STEP_PREFIX
+        return Claim(row, [step_from_row(r, prefix) for r in rows if r.step_id is not None])
+
+    def decision_steps(self, run_id: str, row: Row[Any]) -> list[Step]:
+        rows = self.conn.execute(
+            hot.DECISION_STEPS, {"p_run_id": run_id, "p_plan_version": row.plan_version}
+        )
+        return [step_from_row(r) for r in rows]
 
     def get_run(self, run_id: str) -> Row[Any]:
         row = self.conn.execute(select(runs).where(runs.c.id == run_id)).first()
@@ -210,29 +235,56 @@ class Tx:
     ) -> int | None:
         """Write `transition`; returns the run's tick, or None (nothing written) when
         the guard no longer holds — the lease was lost or the run changed state."""
-        tick = self._update_run(run, transition, guard, now, next_run_at, lease_until)
+        params = self._run_params(run, transition, guard, now, next_run_at, lease_until)
+        if self.conn.dialect.name == "postgresql":
+            tick = self._apply_in_one_statement(run, transition, params)
+        else:
+            tick = self._apply_statement_by_statement(run, transition, params, now)
         if tick is None:
             return None
-        for step_update in transition.step_updates:
-            self._update_step(run.id, step_update, now)
         if transition.new_steps:
             self._insert_steps(run, transition, now)
         if transition.human_request is not None:
             self.open_approval(run.id, transition.human_request, now)
-        self.insert_events(run.id, run.iteration, transition.events, now)
         return tick
 
-    def _update_run(
-        self,
+    def _apply_in_one_statement(
+        self, run: RunSnapshot, t: Transition, params: dict[str, Any]
+    ) -> int | None:
+        tick = self.conn.execute(
+            hot.APPLY,
+            {
+                **params,
+                "p_iteration": run.iteration,
+                "p_step_updates": [u.model_dump() for u in t.step_updates],
+                "p_events": [e.model_dump() for e in t.events],
+            },
+        ).scalar_one_or_none()
+        return None if tick is None else int(tick)
+
+    def _apply_statement_by_statement(
+        self, run: RunSnapshot, t: Transition, params: dict[str, Any], now: datetime
+    ) -> int | None:
+        tick = self.conn.execute(hot.SAVE_RUN, params).scalar_one_or_none()
+        if tick is None:
+            return None
+        for step_update in t.step_updates:
+            self._update_step(run.id, step_update, now)
+        self.insert_events(run.id, run.iteration, t.events, now)
+        return int(tick)
+
+    @staticmethod
+    def _run_params(
         run: RunSnapshot,
         t: Transition,
         guard: Guard,
         now: datetime,
         next_run_at: datetime | None,
         lease_until: datetime | None,
-    ) -> int | None:
+    ) -> dict[str, Any]:
+        """SAVE_RUN's parameters: what `t` changes on the run, under `guard`."""
         resuming = t.status is RunStatus.RUNNING and guard.status is RunStatus.PAUSED
-        params = {
+        return {
             "p_id": run.id,
             "g_owner": guard.owner,
             "g_tick": guard.tick,
@@ -255,8 +307,6 @@ class Tx:
             # Resuming a paused run: a new tick makes any message still in flight stale.
             "p_tick_delta": 1 if resuming else 0,
         }
-        tick = self.conn.execute(hot.SAVE_RUN, params).scalar_one_or_none()
-        return None if tick is None else int(tick)
 
     def set_status(
         self,
@@ -301,14 +351,6 @@ class Tx:
             select(steps)
             .where(steps.c.run_id == run_id, steps.c.plan_version == plan_version)
             .order_by(steps.c.position)
-        )
-        return [step_from_row(row) for row in rows]
-
-    def open_steps(self, run_id: str, plan_version: int) -> list[Step]:
-        """The current plan's steps that are not settled: all an iteration decides on,
-        so its cost does not grow as the plan is worked through."""
-        rows = self.conn.execute(
-            hot.OPEN_STEPS, {"p_run_id": run_id, "p_plan_version": plan_version}
         )
         return [step_from_row(row) for row in rows]
 
@@ -537,24 +579,27 @@ class Tx:
         ).first()
 
 
-def step_from_row(row: Row[Any]) -> Step:
-    return Step.model_validate(
-        {
-            "id": row.id,
-            "plan_version": row.plan_version,
-            "position": row.position,
-            "description": row.description,
-            "tool": row.tool,
-            "args": row.args,
-            "status": row.status,
-            "attempts": row.attempts,
-            "result": row.result,
-            "error": row.error,
-            "error_class": row.error_class,
-            "approved_args_hash": row.approved_args_hash,
-            "idempotency_key": row.idempotency_key,
-        }
-    )
+def step_from_row(row: Row[Any], prefix: str = "") -> Step:
+    """A Step from a steps row, or from a joined row whose step columns are prefixed."""
+    values = row._mapping
+    return Step.model_validate({field: values[prefix + field] for field in STEP_FIELDS})
+
+
+STEP_FIELDS = (
+    "id",
+    "plan_version",
+    "position",
+    "description",
+    "tool",
+    "args",
+    "status",
+    "attempts",
+    "result",
+    "error",
+    "error_class",
+    "approved_args_hash",
+    "idempotency_key",
+)
 
 
 def snapshot_from_row(row: Row[Any], plan: list[Step]) -> RunSnapshot:
