@@ -136,6 +136,18 @@ def test_a_claim_over_a_lapsed_lease_sees_what_the_holder_saved_meanwhile(
     assert view.steps[0].result == {"ok": True}
 
 
+def test_every_new_connection_prepares_the_hot_statements_again(harness: Harness, store):
+    """PostgreSQL keeps prepared statements per connection: a connection that
+    replaces one (a restart, a recycled pool) prepares its own."""
+    harness.planner.script = [steps("noop", "noop")]
+    run_id = harness.service.create_run("two connections")
+    harness.step()  # plan
+    harness.step()  # the first step, on the pool's connection
+    store.engine.dispose()  # the next iteration gets a new connection
+    assert harness.drain() == 2
+    assert run_row(harness, run_id).status == RunStatus.COMPLETED
+
+
 def lock_waiters(store: Store) -> int:
     with store.engine.connect() as conn:
         return int(

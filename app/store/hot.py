@@ -5,20 +5,25 @@ loopback database, so the hot path (claim, load the open steps, save the run,
 save a step, append events) uses fixed-shape statements: a value that a
 transition leaves alone is passed as NULL and kept by COALESCE / CASE.
 
-On PostgreSQL, APPLY writes a transition's run, step and event changes in one
-statement: each statement costs a round trip and a parse, and an iteration
-writes twice. Step updates and events travel as JSON arrays, so the statement
-keeps one shape whatever their number.
+On PostgreSQL an iteration is three statements: CLAIM_WITH_STEPS, then APPLY
+twice (marking the step begun, saving its outcome). APPLY writes a transition's
+run, step and event changes at once; step updates and events travel as JSON
+arrays, so it keeps one shape whatever their number. Both are prepared once per
+connection (see Prepared), so PostgreSQL does not parse and plan them again on
+every iteration. SQLite runs the same changes statement by statement.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    ColumnElement,
     Float,
     Integer,
     Select,
@@ -34,12 +39,15 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    text,
     true,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+from sqlalchemy.sql.selectable import TextualSelect
 
-from app.engine.models import ACTIVE_STATUSES, RunStatus, StepStatus
+from app.engine.models import ACTIVE_STATUSES, RunSnapshot, RunStatus, Step, StepStatus
 from app.store.schema import UTCDateTime, events, runs, steps
 
 # None must mean SQL NULL here (keep the column), not the JSON value null.
@@ -47,12 +55,28 @@ JsonOrNull = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "pos
 
 NOW = bindparam("p_now", type_=UTCDateTime())
 
+
+def one_of(column: ColumnElement[Any], values: Iterable[object]) -> ColumnElement[bool]:
+    """`column IN (values)` spelt as ORs: SQLAlchemy expands an IN list anew at every
+    execution, and a statement prepared once cannot be."""
+    return or_(*(column == value for value in values))
+
+
+# What an iteration reads: the columns of a Step and a RunSnapshot, and the few an
+# iteration needs besides. Fewer columns are less for PostgreSQL to parse and send.
+STEP_COLUMNS = [steps.c[name] for name in Step.model_fields]
+ITERATION_COLUMNS = [
+    runs.c[name]
+    for name in [*RunSnapshot.model_fields, "planner", "memory_summary", "summarized_through"]
+    if name != "steps"
+]
+
 CLAIM = (
     update(runs)
     .where(
         runs.c.id == bindparam("p_id", type_=String()),
         runs.c.tick == bindparam("p_tick", type_=Integer()),
-        runs.c.status.in_(ACTIVE_STATUSES),
+        one_of(runs.c.status, ACTIVE_STATUSES),
         or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < NOW),
         or_(runs.c.next_run_at.is_(None), runs.c.next_run_at <= NOW),
     )
@@ -65,7 +89,7 @@ CLAIM = (
         started_at=func.coalesce(runs.c.started_at, NOW),
         updated_at=NOW,
     )
-    .returning(*runs.c)
+    .returning(*ITERATION_COLUMNS)
 )
 
 
@@ -86,12 +110,14 @@ def decision_steps(run_id: Any, plan_version: Any) -> Select[Any]:
         .scalar_subquery()
     )
     return (
-        select(steps)
+        select(*STEP_COLUMNS)
         .where(
             steps.c.run_id == run_id,
             steps.c.plan_version == plan_version,
             or_(
-                steps.c.status.in_((StepStatus.RUNNING, StepStatus.FAILED, StepStatus.REJECTED)),
+                one_of(
+                    steps.c.status, (StepStatus.RUNNING, StepStatus.FAILED, StepStatus.REJECTED)
+                ),
                 steps.c.id == first_pending,
             ),
         )
@@ -255,3 +281,41 @@ _logged = (
     .cte("logged_events")
 )
 APPLY = select(_saved.c.tick).add_cte(_saved_steps, _logged)
+
+
+# --- prepared once per PostgreSQL connection ---------------------------------------
+
+# Numbered parameters with their types cast, as PREPARE needs them. Only the compiler
+# is used: no psycopg (3) is imported.
+_NUMBERED = PGDialect_psycopg(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A hot statement that PostgreSQL parses and plans once per connection.
+
+    Parsing and planning these statements took longer than running them; `run`
+    (EXECUTE name(...)) keeps the statement's parameter and column types, so values
+    go in and come out exactly as with the statement itself.
+    """
+
+    name: str
+    prepare: str
+    run: TextualSelect
+    constants: dict[str, Any]  # values the statement binds itself (status literals)
+
+
+def prepared(name: str, statement: Select[Any]) -> Prepared:
+    compiled = statement.compile(dialect=_NUMBERED)
+    order = compiled.positiontup or []
+    run = (
+        text(f"EXECUTE {name}({', '.join(':' + key for key in order)})")
+        .bindparams(*(bindparam(key, type_=compiled.binds[key].type) for key in order))
+        .columns(*statement.selected_columns)
+    )
+    constants = {key: value for key, value in compiled.params.items() if value is not None}
+    return Prepared(name, f"PREPARE {name} AS {compiled}", run, constants)
+
+
+PREPARED_CLAIM = prepared("agentloop_claim", CLAIM_WITH_STEPS)
+PREPARED_APPLY = prepared("agentloop_apply", APPLY)

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
+    Result,
     Row,
     create_engine,
     event,
@@ -168,7 +169,7 @@ class Tx:
         if self.conn.dialect.name != "postgresql":
             row = self.conn.execute(hot.CLAIM, params).first()
             return None if row is None else Claim(row, self.decision_steps(run_id, row))
-        rows = self.conn.execute(hot.CLAIM_WITH_STEPS, params).all()
+        rows = self._run_prepared(hot.PREPARED_CLAIM, params).all()
         if not rows:
             return None
         row = rows[0]
@@ -186,6 +187,15 @@ class Tx:
             hot.DECISION_STEPS, {"p_run_id": run_id, "p_plan_version": row.plan_version}
         )
         return [step_from_row(r) for r in rows]
+
+    def _run_prepared(self, statement: hot.Prepared, params: dict[str, Any]) -> Result[Any]:
+        """Run a hot statement, preparing it first on a connection that has not yet.
+        (A prepared statement belongs to the session: a rollback keeps it.)"""
+        done = self.conn.connection.info.setdefault("agentloop_prepared", set())
+        if statement.name not in done:
+            self.conn.exec_driver_sql(statement.prepare)
+            done.add(statement.name)
+        return self.conn.execute(statement.run, {**statement.constants, **params})
 
     def get_run(self, run_id: str) -> Row[Any]:
         row = self.conn.execute(select(runs).where(runs.c.id == run_id)).first()
@@ -251,8 +261,8 @@ class Tx:
     def _apply_in_one_statement(
         self, run: RunSnapshot, t: Transition, params: dict[str, Any]
     ) -> int | None:
-        tick = self.conn.execute(
-            hot.APPLY,
+        tick = self._run_prepared(
+            hot.PREPARED_APPLY,
             {
                 **params,
                 "p_iteration": run.iteration,
@@ -582,24 +592,7 @@ class Tx:
 def step_from_row(row: Row[Any], prefix: str = "") -> Step:
     """A Step from a steps row, or from a joined row whose step columns are prefixed."""
     values = row._mapping
-    return Step.model_validate({field: values[prefix + field] for field in STEP_FIELDS})
-
-
-STEP_FIELDS = (
-    "id",
-    "plan_version",
-    "position",
-    "description",
-    "tool",
-    "args",
-    "status",
-    "attempts",
-    "result",
-    "error",
-    "error_class",
-    "approved_args_hash",
-    "idempotency_key",
-)
+    return Step.model_validate({field: values[prefix + field] for field in Step.model_fields})
 
 
 def snapshot_from_row(row: Row[Any], plan: list[Step]) -> RunSnapshot:
