@@ -305,7 +305,14 @@ class AgentService:
                 # The lease covers the whole tool call; a crash is noticed when it lapses.
                 lease = self._step_timeout(run, step, now) + self.lease_grace
                 self._save(
-                    tx, run, began, guard=owner, now=now, lease_until=now + timedelta(seconds=lease)
+                    tx,
+                    run,
+                    began,
+                    guard=owner,
+                    now=now,
+                    lease_until=now + timedelta(seconds=lease),
+                    # Only a step that must not run twice needs `running` on disk first.
+                    durable=not self._idempotent(step),
                 )
                 return SlowWork(
                     apply_transition(run, began), args=self._resolve_args(tx, run, step)
@@ -323,6 +330,7 @@ class AgentService:
                     now=now,
                     next_run_at=None,
                     lease_until=now + timedelta(seconds=lease),
+                    durable=False,  # if lost, the planner is simply asked again
                 )
                 return SlowWork(run, request=request)
 
@@ -337,11 +345,11 @@ class AgentService:
             transition = fold_plan(run, action, outcome, jitter_sample=jitter)
         else:
             raise TypeError(f"outcome {type(outcome).__name__} does not answer {action.type}")
-        with self.store.transaction() as tx:
-            saved = self._save(
-                tx, run, transition, guard=Guard(owner=self.worker_id, tick=run.tick), now=now
-            )
-            if not saved:
+        saved = self._save(
+            self.store, run, transition, guard=Guard(owner=self.worker_id, tick=run.tick), now=now
+        )
+        if not saved:
+            with self.store.transaction() as tx:
                 tx.insert_events(
                     run.id,
                     run.iteration,
@@ -365,13 +373,14 @@ class AgentService:
 
     def _save(
         self,
-        tx: Tx,
+        tx: Tx | Store,
         run: RunSnapshot,
         transition: Transition,
         *,
         guard: Guard,
         now: datetime,
         lease_until: datetime | None = None,
+        durable: bool = True,
     ) -> bool:
         secrets = secret_values(
             {**run.context, **transition.context_updates}, [*run.steps, *transition.new_steps]
@@ -394,10 +403,14 @@ class AgentService:
             now=now,
             next_run_at=next_run_at,
             lease_until=lease_until,
+            durable=durable,
         )
         return written is not None
 
     # --- slow work (no transaction open) ----------------------------------------------
+
+    def _idempotent(self, step: Step) -> bool:
+        return step.tool in self.tools and self.tools.get(step.tool).idempotent
 
     def _step_timeout(self, run: RunSnapshot, step: Step, now: datetime) -> float:
         """The tool's own timeout, but never past the run's deadline."""

@@ -3,6 +3,7 @@ boundary is replaced): ticks, leases, approvals, cancel, sweep, bad input."""
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -10,12 +11,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, select, text
 
-from app.engine.actions import Execute, PlanProduced, StepSucceeded
+from app.engine.actions import Execute, PlanProduced, StepSucceeded, Transition
 from app.engine.apply import apply_transition
 from app.engine.machine import begin_step, fold_step
 from app.engine.models import Decision, PlannedStep, RunStatus, StepStatus
 from app.service import Conflict, InvalidInput
-from app.store.repo import Guard, NotFound, Store, snapshot_from_row
+from app.store.repo import Guard, NotFound, Store, Tx, snapshot_from_row
 from app.store.schema import runs
 from tests.support.fixtures import Harness, make_harness, steps, wait_until
 
@@ -146,6 +147,44 @@ def test_every_new_connection_prepares_the_hot_statements_again(harness: Harness
     store.engine.dispose()  # the next iteration gets a new connection
     assert harness.drain() == 2
     assert run_row(harness, run_id).status == RunStatus.COMPLETED
+
+
+def test_only_a_step_that_must_not_run_twice_waits_for_the_disk_before_it_runs(
+    harness: Harness, store
+):
+    """Marking a step begun is committed durably (synchronous_commit on) only when a
+    lost commit could run it twice; outcomes are always durable."""
+    harness.planner.script = [steps("noop", "effect")]
+    run_id = harness.service.create_run("one of each")
+    modes: list[tuple[str, str]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        if "p_synchronous_commit" in parameters:
+            kinds = [e["kind"] for e in json.loads(parameters["p_events"])]
+            modes.append((kinds[0] if kinds else "-", parameters["p_synchronous_commit"]))
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        harness.drain(limit=3)  # plan, noop, effect
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+    assert modes == [
+        ("-", "off"),  # the planner's lease: if lost, the planner is simply asked again
+        ("plan", "on"),
+        ("tool_call", "off"),  # noop is idempotent
+        ("observation", "on"),
+        ("tool_call", "on"),  # effect is not
+        ("observation", "on"),
+    ]
+    with store.engine.connect() as conn, conn.begin() as transaction:
+        tx = Tx(conn)
+        run = snapshot_from_row(tx.get_run(run_id), [])
+        tx.apply(run, Transition(), guard=Guard(), now=harness.clock(), next_run_at=None,
+                 durable=False)  # fmt: skip
+        assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "off"
+        transaction.rollback()
+    with store.transaction() as tx:  # the setting was the transaction's own
+        assert tx.conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
 
 
 def lock_waiters(store: Store) -> int:

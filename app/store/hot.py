@@ -36,6 +36,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal_column,
     null,
     or_,
     select,
@@ -280,7 +281,15 @@ _logged = (
     )
     .cte("logged_events")
 )
-APPLY = select(_saved.c.tick).add_cte(_saved_steps, _logged)
+# The transaction may commit without waiting for its WAL flush ('off'): see Tx.apply.
+_commit_mode = func.set_config(
+    literal_column("'synchronous_commit'"),
+    bindparam("p_synchronous_commit", type_=String()),
+    true(),
+)
+APPLY = select(_saved.c.tick, _commit_mode.label("synchronous_commit")).add_cte(
+    _saved_steps, _logged
+)
 
 
 # --- prepared once per PostgreSQL connection ---------------------------------------

@@ -114,6 +114,43 @@ class Store:
         with self.engine.begin() as conn:
             yield Tx(conn)
 
+    def apply(
+        self,
+        run: RunSnapshot,
+        transition: Transition,
+        *,
+        guard: Guard,
+        now: datetime,
+        next_run_at: datetime | None,
+        lease_until: datetime | None = None,
+        durable: bool = True,
+    ) -> int | None:
+        """Tx.apply in a transaction of its own. On PostgreSQL a transition that one
+        statement writes runs as that statement alone, in autocommit mode: it is
+        atomic by itself, and the BEGIN and COMMIT round trips are saved."""
+        alone = not transition.new_steps and transition.human_request is None
+        with self._autocommit() if alone else self.transaction() as tx:
+            return tx.apply(
+                run,
+                transition,
+                guard=guard,
+                now=now,
+                next_run_at=next_run_at,
+                lease_until=lease_until,
+                durable=durable,
+            )
+
+    @contextmanager
+    def _autocommit(self) -> Iterator[Tx]:
+        """Each statement its own transaction, on PostgreSQL; SQLite writes a transition
+        statement by statement, so it keeps a transaction."""
+        if self.engine.dialect.name != "postgresql":
+            with self.transaction() as tx:
+                yield tx
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            yield Tx(conn)
+
 
 class Tx:
     """One open transaction. Methods are the statements; the caller commits by leaving."""
@@ -242,11 +279,19 @@ class Tx:
         now: datetime,
         next_run_at: datetime | None,
         lease_until: datetime | None = None,
+        durable: bool = True,
     ) -> int | None:
         """Write `transition`; returns the run's tick, or None (nothing written) when
-        the guard no longer holds — the lease was lost or the run changed state."""
+        the guard no longer holds — the lease was lost or the run changed state.
+
+        `durable=False` lets PostgreSQL acknowledge the commit before its WAL is on
+        disk (synchronous_commit off, for this transaction only): a crash of the
+        database server itself within a fraction of a second can then lose it, which
+        is fine only for writes whose loss means the same work is simply done again.
+        """
         params = self._run_params(run, transition, guard, now, next_run_at, lease_until)
         if self.conn.dialect.name == "postgresql":
+            params["p_synchronous_commit"] = "on" if durable else "off"
             tick = self._apply_in_one_statement(run, transition, params)
         else:
             tick = self._apply_statement_by_statement(run, transition, params, now)
@@ -269,7 +314,7 @@ class Tx:
                 "p_step_updates": [u.model_dump() for u in t.step_updates],
                 "p_events": [e.model_dump() for e in t.events],
             },
-        ).scalar_one_or_none()
+        ).scalar()
         return None if tick is None else int(tick)
 
     def _apply_statement_by_statement(
