@@ -403,7 +403,7 @@ class Tx:
 
     def plan_steps(self, run_id: str, plan_version: int) -> list[Step]:
         rows = self.conn.execute(
-            select(steps)
+            select(*hot.STEP_COLUMNS)
             .where(steps.c.run_id == run_id, steps.c.plan_version == plan_version)
             .order_by(steps.c.position)
         )
@@ -411,14 +411,14 @@ class Tx:
 
     def all_steps(self, run_id: str) -> list[Step]:
         rows = self.conn.execute(
-            select(steps).where(steps.c.run_id == run_id).order_by(steps.c.position)
+            select(*hot.STEP_COLUMNS).where(steps.c.run_id == run_id).order_by(steps.c.position)
         )
         return [step_from_row(row) for row in rows]
 
     def completed_steps(self, run_id: str, *, limit: int) -> list[Step]:
         """The latest `limit` completed steps, oldest first."""
         rows = self.conn.execute(
-            select(steps)
+            select(*hot.STEP_COLUMNS)
             .where(steps.c.run_id == run_id, steps.c.status == StepStatus.COMPLETED)
             .order_by(steps.c.position.desc())
             .limit(limit)
@@ -445,7 +445,7 @@ class Tx:
         return {row.position: row.result for row in rows}
 
     def get_step(self, step_id: int) -> Step:
-        row = self.conn.execute(select(steps).where(steps.c.id == step_id)).first()
+        row = self.conn.execute(select(*hot.STEP_COLUMNS).where(steps.c.id == step_id)).first()
         if row is None:
             raise NotFound(f"no step with id {step_id}")
         return step_from_row(row)
