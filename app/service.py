@@ -41,6 +41,7 @@ from app.engine.actions import (
 from app.engine.apply import apply_transition
 from app.engine.machine import begin_step, decide, fail, fold_decision, fold_plan, fold_step, pause
 from app.engine.models import (
+    ACTIVE_STATUSES,
     DECISIONS_FOR,
     DEFAULT_APPROVAL_REQUIRED,
     MAX_TASK_CHARS,
@@ -132,7 +133,7 @@ def default_worker_id() -> str:
 
 @dataclass(frozen=True)
 class SlowWork:
-    """What the slow part of an iteration needs, read inside the claim transaction."""
+    """What the slow part of an iteration needs, read when the run was claimed."""
 
     run: RunSnapshot
     request: PlanRequest | None = None
@@ -236,102 +237,96 @@ class AgentService:
     def advance(self, run_id: str, tick: int) -> None:
         """Advance a run by one iteration, if this message is still current."""
         now = self.clock()
-        with self.store.transaction() as tx:
-            claim = tx.claim(
-                run_id,
-                tick=tick,
-                owner=self.worker_id,
-                lease_until=now + timedelta(seconds=self.lease_grace),
-                now=now,
-            )
-            if claim is None:
-                self._unclaimed(tx, run_id, tick, now)
-                return
-            run = snapshot_from_row(claim.row, claim.steps)
-            planner_kind = claim.row.planner
-            action = decide(run, now=now, tools=self.tools.policies())
-            prepared = self._prepare(tx, claim.row, run, action, now)
-        if isinstance(prepared, Transition):
-            self._after_commit(run.id, run.tick, prepared)
-            return
-        run = prepared.run
-        if isinstance(action, Execute):
-            outcome: StepOutcome | PlanOutcome = self._execute(
-                run, run.step(action.step_id), prepared.args
-            )
-        else:
-            assert isinstance(action, Plan) and prepared.request is not None
-            outcome = self._plan(planner_kind, prepared.request)
-        self._finish(run, action, outcome)
-
-    def _unclaimed(self, tx: Tx, run_id: str, tick: int, now: datetime) -> None:
-        """A message that could not claim: stale, duplicate, leased — or early, because
-        the broker countdown is capped; then it is published again for the rest."""
-        try:
-            row = tx.get_run(run_id)
-        except NotFound:
+        stored = self.store.read_for_claim(run_id)
+        if stored is None:
             log.warning("advance: run %s does not exist", run_id)
             return
-        early = (
-            row.tick == tick
-            and row.status in (RunStatus.QUEUED, RunStatus.RUNNING)
-            and row.lease_owner is None
-            and row.next_run_at is not None
-            and row.next_run_at > now
-        )
-        if early:
-            remaining = (row.next_run_at - now).total_seconds()
-            self.dispatcher.enqueue(run_id, tick, remaining)
+        if not self._claimable(stored.row, tick, now):
+            return
+        run = stored.as_claimed()
+        action = decide(run, now=now, tools=self.tools.policies())
+        claimed = self._claim(stored.row, run, action, now)
+        if claimed is None:
+            return  # another worker claimed the run first, or it changed since it was read
+        if isinstance(claimed, Transition):
+            self._after_commit(run.id, run.tick, claimed)
+            return
+        run = claimed.run
+        if isinstance(action, Execute):
+            outcome: StepOutcome | PlanOutcome = self._execute(
+                run, run.step(action.step_id), claimed.args
+            )
+        else:
+            assert isinstance(action, Plan) and claimed.request is not None
+            outcome = self._plan(stored.row.planner, claimed.request)
+        self._finish(run, action, outcome)
 
-    def _prepare(
+    def _claimable(self, row: Row[Any], tick: int, now: datetime) -> bool:
+        """Whether this message may claim the run (the claim itself checks again). Not a
+        stale or duplicate one, nor one for a run leased to a live worker; an early one,
+        early because the broker countdown is capped, is published again for the rest."""
+        if row.tick != tick or row.status not in ACTIVE_STATUSES:
+            return False
+        if row.lease_expires_at is not None and row.lease_expires_at >= now:
+            return False
+        if row.next_run_at is not None and row.next_run_at > now:
+            if row.lease_owner is None:
+                self.dispatcher.enqueue(row.id, tick, (row.next_run_at - now).total_seconds())
+            return False
+        return True
+
+    def _claim(
         self,
-        tx: Tx,
         row: Row[Any],
         run: RunSnapshot,
         action: Fail | AwaitHuman | Execute | Plan,
         now: datetime,
-    ) -> Transition | SlowWork:
-        """Inside the claim transaction: settle a quick action (returning what it
-        changed), or mark slow work begun (returning what the work needs)."""
-        owner = Guard(owner=self.worker_id, tick=run.tick)
+    ) -> Transition | SlowWork | None:
+        """Claim the run with the first write of the iteration: settle a quick action
+        (returning what it changed) or mark slow work begun (returning what the work
+        needs). None if the run is no longer as it was read."""
+        claim = Guard.claim(self.worker_id, row)
         match action:
             case Fail() | AwaitHuman():
                 settled = fail(action.reason) if isinstance(action, Fail) else pause(run, action)
-                self._save(tx, run, settled, guard=owner, now=now)
-                return settled
+                return (
+                    settled if self._save(self.store, run, settled, guard=claim, now=now) else None
+                )
             case Execute():
                 step = run.step(action.step_id)
                 began = begin_step(run, action)
                 # The lease covers the whole tool call; a crash is noticed when it lapses.
                 lease = self._step_timeout(run, step, now) + self.lease_grace
-                self._save(
-                    tx,
+                if not self._save(
+                    self.store,
                     run,
                     began,
-                    guard=owner,
+                    guard=claim,
                     now=now,
                     lease_until=now + timedelta(seconds=lease),
                     # Only a step that must not run twice needs `running` on disk first.
                     durable=not self._idempotent(step),
-                )
-                return SlowWork(
-                    apply_transition(run, began), args=self._resolve_args(tx, run, step)
-                )
+                ):
+                    return None
+                return SlowWork(apply_transition(run, began), args=self._resolve_args(run, step))
             case Plan():
-                # A new plan supersedes every pending step: the planner and the fold
-                # see the whole current plan, not only the steps `decide` looked at.
-                run = run.model_copy(update={"steps": tx.plan_steps(run.id, run.plan_version)})
-                request = self._plan_request(tx, row, run, action)
                 lease = self.llm_timeout * (run.config.max_plan_repairs + 1) + self.lease_grace
-                tx.apply(
+                if not self._save(
+                    self.store,
                     run,
                     Transition(),
-                    guard=owner,
+                    guard=claim,
                     now=now,
-                    next_run_at=None,
                     lease_until=now + timedelta(seconds=lease),
                     durable=False,  # if lost, the planner is simply asked again
-                )
+                ):
+                    return None
+                with self.store.transaction() as tx:
+                    # A new plan supersedes every pending step: the planner and the fold
+                    # see the whole current plan, not only the steps `decide` looked at.
+                    plan = tx.plan_steps(run.id, run.plan_version)
+                    run = run.model_copy(update={"steps": plan})
+                    request = self._plan_request(tx, row, run, action)
                 return SlowWork(run, request=request)
 
     def _finish(
@@ -418,12 +413,13 @@ class AgentService:
         own = self.tools.get(step.tool).timeout if step.tool in self.tools else 60.0
         return max(1.0, min(own, remaining))
 
-    def _resolve_args(self, tx: Tx, run: RunSnapshot, step: Step) -> JSONDict | StepFailed:
+    def _resolve_args(self, run: RunSnapshot, step: Step) -> JSONDict | StepFailed:
         """The step's args with references to earlier results filled in."""
         refs = find_refs(step.args)
         if not refs:
             return step.args
-        results = tx.step_results(run.id, {ref.position for ref in refs})
+        with self.store.transaction() as tx:
+            results = tx.step_results(run.id, {ref.position for ref in refs})
         try:
             return resolve_refs(step.args, results)
         except RefError as exc:

@@ -102,30 +102,29 @@ def test_two_workers_never_advance_one_run_at_once(store, tmp_path: Path):
     assert run_row(first, run_id).iteration == 2
 
 
-def test_a_claim_over_a_lapsed_lease_sees_what_the_holder_saved_meanwhile(
+def test_a_claim_over_a_lapsed_lease_gives_way_when_the_holder_saves_meanwhile(
     store: Store, tmp_path: Path
 ):
-    """The holder of a lapsed lease saves its result while another worker's claim
-    waits for the row: the claim must decide on the saved steps, not on the ones
-    its statement saw when it started (the effect would look interrupted)."""
+    """The holder of a lapsed lease saves its result just after another worker read
+    the run: that worker's claim must fail, not act on what it read (the effect
+    would look interrupted, and the run would pause for nothing)."""
     first = make_harness(store, tmp_path, worker_id="first")
     second = make_harness(store, tmp_path, worker_id="second")
     first.planner.script = [steps("effect", "noop")]
     run_id = first.service.create_run("a slow effect")
     first.step()  # plan
-    _, tick, _ = first.dispatcher.pop()
     now, lease = first.clock(), first.clock() + timedelta(seconds=1)
-    with store.transaction() as tx:  # the first worker claims and starts the effect
-        claim = tx.claim(run_id, tick=tick, owner="first", lease_until=lease, now=now)
-        assert claim is not None
-        run = snapshot_from_row(claim.row, claim.steps)
-        began = begin_step(run, Execute(step_id=run.steps[0].id))
-        holder = Guard(owner="first", tick=run.tick)
-        tx.apply(run, began, guard=holder, now=now, next_run_at=None, lease_until=lease)
+    stored = store.read_for_claim(run_id)  # the first worker claims and starts the effect
+    assert stored is not None
+    run = stored.as_claimed()
+    began = begin_step(run, Execute(step_id=run.steps[0].id))
+    claim = Guard.claim("first", stored.row)
+    assert store.apply(run, began, guard=claim, now=now, next_run_at=None, lease_until=lease)
     run = apply_transition(run, began)
     done = fold_step(run, run.steps[0], StepSucceeded(result={"ok": True}), jitter_sample=0.0)
     second.clock.advance(60)  # the lease has lapsed when the second worker gets a message
     with store.transaction() as tx:
+        holder = Guard(owner="first", tick=run.tick)
         assert tx.apply(run, done, guard=holder, now=now, next_run_at=now) is not None
         claimer = threading.Thread(target=second.service.advance, args=(run_id, run.tick))
         claimer.start()
@@ -133,8 +132,11 @@ def test_a_claim_over_a_lapsed_lease_sees_what_the_holder_saved_meanwhile(
     claimer.join()
     view = second.service.status(run_id)
     assert view.run.status == RunStatus.RUNNING
-    assert [s.status for s in view.steps] == [StepStatus.COMPLETED] * 2
+    assert [s.status for s in view.steps] == [StepStatus.COMPLETED, StepStatus.PENDING]
     assert view.steps[0].result == {"ok": True}
+    assert second.dispatcher.sent == []
+    second.service.advance(run_id, run.tick)  # the message the first worker publishes
+    assert [s.status for s in second.service.status(run_id).steps] == [StepStatus.COMPLETED] * 2
 
 
 def test_every_new_connection_prepares_the_hot_statements_again(harness: Harness, store):

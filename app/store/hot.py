@@ -5,8 +5,8 @@ loopback database, so the hot path (claim, load the open steps, save the run,
 save a step, append events) uses fixed-shape statements: a value that a
 transition leaves alone is passed as NULL and kept by COALESCE / CASE.
 
-On PostgreSQL an iteration is three statements: CLAIM_WITH_STEPS, then APPLY
-twice (marking the step begun, saving its outcome). APPLY writes a transition's
+On PostgreSQL an iteration is three statements: READ_FOR_CLAIM, then APPLY
+twice (claiming the run and marking the step begun; saving the outcome). APPLY writes a transition's
 run, step and event changes at once; step updates and events travel as JSON
 arrays, so it keeps one shape whatever their number. Both are prepared once per
 connection (see Prepared), so PostgreSQL does not parse and plan them again on
@@ -72,27 +72,6 @@ ITERATION_COLUMNS = [
     if name != "steps"
 ]
 
-CLAIM = (
-    update(runs)
-    .where(
-        runs.c.id == bindparam("p_id", type_=String()),
-        runs.c.tick == bindparam("p_tick", type_=Integer()),
-        one_of(runs.c.status, ACTIVE_STATUSES),
-        or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < NOW),
-        or_(runs.c.next_run_at.is_(None), runs.c.next_run_at <= NOW),
-    )
-    .values(
-        tick=runs.c.tick + 1,
-        iteration=runs.c.iteration + 1,
-        status=RunStatus.RUNNING,
-        lease_owner=bindparam("p_owner", type_=String()),
-        lease_expires_at=bindparam("p_lease_until", type_=UTCDateTime()),
-        started_at=func.coalesce(runs.c.started_at, NOW),
-        updated_at=NOW,
-    )
-    .returning(*ITERATION_COLUMNS)
-)
-
 
 def decision_steps(run_id: Any, plan_version: Any) -> Select[Any]:
     """The steps of a plan that `decide` looks at: every running, failed or rejected
@@ -130,20 +109,23 @@ DECISION_STEPS = decision_steps(
     bindparam("p_run_id", type_=String()), bindparam("p_plan_version", type_=Integer())
 )
 
-# PostgreSQL: the claim and the steps it decides on, in one statement. The steps
-# come from the statement's snapshot, which can predate the row version the claim
-# updated; `seen_lease_owner` (the snapshot's) tells the caller when that matters.
-_claimed = CLAIM.cte("claimed")
-_seen = runs.alias("seen")
-_step = decision_steps(_claimed.c.id, _claimed.c.plan_version).lateral("step")
+# What a claim reads: the run as an iteration sees it, with the lease and due time
+# the claim is conditional on.
+CLAIM_COLUMNS = [
+    *ITERATION_COLUMNS,
+    runs.c.lease_owner,
+    runs.c.lease_expires_at,
+    runs.c.next_run_at,
+]
+READ_RUN = select(*CLAIM_COLUMNS).where(runs.c.id == bindparam("p_id", type_=String()))
+
+# PostgreSQL: the run and the steps it decides on, in one statement (one snapshot).
+_step = decision_steps(runs.c.id, runs.c.plan_version).lateral("step")
 STEP_PREFIX = "step_"
-CLAIM_WITH_STEPS = (
-    select(
-        _claimed,
-        _seen.c.lease_owner.label("seen_lease_owner"),
-        *[column.label(STEP_PREFIX + column.name) for column in _step.c],
-    )
-    .select_from(_claimed.join(_seen, _seen.c.id == _claimed.c.id).outerjoin(_step, true()))
+READ_FOR_CLAIM = (
+    select(*CLAIM_COLUMNS, *[column.label(STEP_PREFIX + column.name) for column in _step.c])
+    .select_from(runs.outerjoin(_step, true()))
+    .where(runs.c.id == bindparam("p_id", type_=String()))
     .order_by(_step.c.position)
 )
 
@@ -151,20 +133,35 @@ _RELEASE = bindparam("p_release", type_=Boolean())
 _OWNER = bindparam("g_owner", type_=String())
 _TICK = bindparam("g_tick", type_=Integer())
 _STATUS = bindparam("g_status", type_=String())
+_CLAIM = bindparam("g_claim", type_=Boolean())
+_CLAIMANT = bindparam("p_claimant", type_=String())
 
 SAVE_RUN = (
     update(runs)
     .where(
         runs.c.id == bindparam("p_id", type_=String()),
-        # The guard: the lease holder's iteration, or a decision on a paused run.
+        # The guard: the lease holder's iteration, or a decision on a paused run...
         or_(
             _OWNER.is_(None), and_(runs.c.lease_owner == _OWNER, runs.c.status == RunStatus.RUNNING)
         ),
         or_(_TICK.is_(None), runs.c.tick == _TICK),
         or_(_STATUS.is_(None), runs.c.status == _STATUS),
+        # ... or a claim: the run is still as the claimant read it (same tick, same
+        # lapsed or absent lease holder), active, due, and not leased to anyone alive.
+        or_(
+            _CLAIM.is_not(True),
+            and_(
+                one_of(runs.c.status, ACTIVE_STATUSES),
+                runs.c.lease_owner.is_not_distinct_from(bindparam("g_seen_owner", type_=String())),
+                or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < NOW),
+                or_(runs.c.next_run_at.is_(None), runs.c.next_run_at <= NOW),
+            ),
+        ),
     )
     .values(
         updated_at=NOW,
+        iteration=runs.c.iteration + case((_CLAIM, 1), else_=0),
+        started_at=func.coalesce(runs.c.started_at, case((_CLAIM, NOW), else_=null())),
         next_run_at=bindparam("p_next_run_at", type_=UTCDateTime()),
         status=func.coalesce(bindparam("p_status", type_=String()), runs.c.status),
         finished_at=func.coalesce(
@@ -182,7 +179,7 @@ SAVE_RUN = (
         cost_usd=runs.c.cost_usd + bindparam("p_cost_delta", type_=Float()),
         report=func.coalesce(bindparam("p_report", type_=Text()), runs.c.report),
         error=func.coalesce(bindparam("p_error", type_=Text()), runs.c.error),
-        lease_owner=case((_RELEASE, null()), else_=runs.c.lease_owner),
+        lease_owner=case((_RELEASE, null()), else_=func.coalesce(_CLAIMANT, runs.c.lease_owner)),
         # NULL when the lease is released, else the (possibly extended) expiry.
         lease_expires_at=bindparam("p_lease_until", type_=UTCDateTime()),
         tick=runs.c.tick + bindparam("p_tick_delta", type_=Integer()),
@@ -326,5 +323,5 @@ def prepared(name: str, statement: Select[Any]) -> Prepared:
     return Prepared(name, f"PREPARE {name} AS {compiled}", run, constants)
 
 
-PREPARED_CLAIM = prepared("agentloop_claim", CLAIM_WITH_STEPS)
+PREPARED_READ = prepared("agentloop_read_for_claim", READ_FOR_CLAIM)
 PREPARED_APPLY = prepared("agentloop_apply", APPLY)

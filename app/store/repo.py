@@ -1,8 +1,12 @@
 """Every SQL statement agentloop runs, and its transaction boundaries.
 
 Concurrency rests on three conditional UPDATEs, portable to SQLite:
-- claim: a message's tick must match the run's, the run must be active, due
-  and unleased; the claim bumps the tick, so a duplicate message is stale.
+- claim: a worker reads the run, decides, and writes the first step of its
+  iteration only if the run is still as read: the message's tick, the same
+  lease holder (none, or one whose lease lapsed), active and due. The claim
+  bumps the tick, so a duplicate message is stale. "Still as read" holds because
+  every other write to an active run comes from the lease holder or bumps the
+  tick itself.
 - save: an iteration's result is written only while its lease is held.
 - decide: an approval row leaves `pending` exactly once.
 """
@@ -75,11 +79,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 @dataclass(frozen=True)
-class Claim:
-    """A claimed run: its row, and the steps `decide` needs (see hot.decision_steps)."""
+class StoredRun:
+    """A run as a claim reads it: its row, and the steps `decide` needs
+    (see hot.decision_steps)."""
 
     row: Row[Any]
     steps: list[Step]
+
+    def as_claimed(self) -> RunSnapshot:
+        """The snapshot as a claim of this run leaves it (see hot.SAVE_RUN)."""
+        run = snapshot_from_row(self.row, self.steps)
+        return run.model_copy(
+            update={
+                "tick": run.tick + 1,
+                "iteration": run.iteration + 1,
+                "status": RunStatus.RUNNING,
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,14 @@ class Guard:
     owner: str | None = None  # the lease holder, for a worker's iteration
     tick: int | None = None
     status: RunStatus | None = None  # for decisions on a paused run
+    # A claim: `claimant` takes the lease if the run is still at `tick` with the
+    # lease holder it was read with (`seen_owner`: none, or one whose lease lapsed).
+    claimant: str | None = None
+    seen_owner: str | None = None
+
+    @classmethod
+    def claim(cls, claimant: str, seen: Row[Any]) -> Guard:
+        return cls(tick=seen.tick, claimant=claimant, seen_owner=seen.lease_owner)
 
 
 class Store:
@@ -139,6 +163,10 @@ class Store:
                 lease_until=lease_until,
                 durable=durable,
             )
+
+    def read_for_claim(self, run_id: str) -> StoredRun | None:
+        with self._autocommit() as tx:
+            return tx.read_for_claim(run_id)
 
     @contextmanager
     def _autocommit(self) -> Iterator[Tx]:
@@ -196,34 +224,22 @@ class Tx:
             )
         )
 
-    def claim(
-        self, run_id: str, *, tick: int, owner: str, lease_until: datetime, now: datetime
-    ) -> Claim | None:
-        """Take the run for one iteration, with the steps it decides on; None if the
-        message is stale, the run is not active, not yet due, or leased to a live worker."""
-        params = {"p_id": run_id, "p_tick": tick, "p_owner": owner,
-                  "p_lease_until": lease_until, "p_now": now}  # fmt: skip
+    def read_for_claim(self, run_id: str) -> StoredRun | None:
+        """The run and the steps `decide` needs, from one snapshot; None if no such run."""
+        params = {"p_id": run_id}
         if self.conn.dialect.name != "postgresql":
-            row = self.conn.execute(hot.CLAIM, params).first()
-            return None if row is None else Claim(row, self.decision_steps(run_id, row))
-        rows = self._run_prepared(hot.PREPARED_CLAIM, params).all()
+            row = self.conn.execute(hot.READ_RUN, params).first()
+            if row is None:
+                return None
+            plan = self.conn.execute(
+                hot.DECISION_STEPS, {"p_run_id": run_id, "p_plan_version": row.plan_version}
+            )
+            return StoredRun(row, [step_from_row(r) for r in plan])
+        rows = self._run_prepared(hot.PREPARED_READ, params).all()
         if not rows:
             return None
-        row = rows[0]
-        if row.seen_lease_owner is not None:
-            # The claim took over a lapsed lease, whose holder may have saved its
-            # work after this statement's snapshot was taken: read the steps anew.
-            return Claim(row, self.decision_steps(run_id, row))
-        # Otherwise the snapshot is current: every write to an active run comes from
-        # the lease holder (there was none) or moves the tick (the claim would fail).
         prefix = hot.STEP_PREFIX
-        return Claim(row, [step_from_row(r, prefix) for r in rows if r.step_id is not None])
-
-    def decision_steps(self, run_id: str, row: Row[Any]) -> list[Step]:
-        rows = self.conn.execute(
-            hot.DECISION_STEPS, {"p_run_id": run_id, "p_plan_version": row.plan_version}
-        )
-        return [step_from_row(r) for r in rows]
+        return StoredRun(rows[0], [step_from_row(r, prefix) for r in rows if r.step_id is not None])
 
     def _run_prepared(self, statement: hot.Prepared, params: dict[str, Any]) -> Result[Any]:
         """Run a hot statement, preparing it first on a connection that has not yet.
@@ -339,14 +355,18 @@ class Tx:
     ) -> dict[str, Any]:
         """SAVE_RUN's parameters: what `t` changes on the run, under `guard`."""
         resuming = t.status is RunStatus.RUNNING and guard.status is RunStatus.PAUSED
+        claiming = guard.claimant is not None
         return {
             "p_id": run.id,
             "g_owner": guard.owner,
             "g_tick": guard.tick,
             "g_status": guard.status,
+            "g_claim": claiming,
+            "g_seen_owner": guard.seen_owner,
+            "p_claimant": guard.claimant,
             "p_now": now,
             "p_next_run_at": next_run_at,
-            "p_status": t.status,
+            "p_status": t.status or (RunStatus.RUNNING if claiming else None),
             "p_finished_at": now if t.status is not None and t.status.is_terminal else None,
             "p_plan_version": t.new_plan_version,
             "p_replans_delta": t.replans_delta,
@@ -359,8 +379,9 @@ class Tx:
             "p_error": t.error,
             "p_release": lease_until is None,
             "p_lease_until": lease_until,
-            # Resuming a paused run: a new tick makes any message still in flight stale.
-            "p_tick_delta": 1 if resuming else 0,
+            # A claim, or resuming a paused run: a new tick makes any message still in
+            # flight stale.
+            "p_tick_delta": 1 if claiming or resuming else 0,
         }
 
     def set_status(
