@@ -43,7 +43,7 @@ def test_the_loop_runs_on_sqlite(tmp_path: Path):
     assert view.run.status == RunStatus.COMPLETED, view.run.error
     kinds = [e.kind for e in view.events]
     assert {"plan", "approval", "error", "retry", "observation"} <= set(kinds)
-    store.engine.dispose()
+    store.dispose()
 
 
 def run_demo(tmp_path: Path, answers: str) -> subprocess.CompletedProcess[str]:

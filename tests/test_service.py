@@ -146,7 +146,7 @@ def test_every_new_connection_prepares_the_hot_statements_again(harness: Harness
     run_id = harness.service.create_run("two connections")
     harness.step()  # plan
     harness.step()  # the first step, on the pool's connection
-    store.engine.dispose()  # the next iteration gets a new connection
+    store.dispose()  # the next iteration gets new connections
     assert harness.drain() == 2
     assert run_row(harness, run_id).status == RunStatus.COMPLETED
 
@@ -165,11 +165,13 @@ def test_only_a_step_that_must_not_run_twice_waits_for_the_disk_before_it_runs(
             kinds = [e["kind"] for e in json.loads(parameters["p_events"])]
             modes.append((kinds[0] if kinds else "-", parameters["p_synchronous_commit"]))
 
-    event.listen(store.engine, "before_cursor_execute", record)
+    for engine in store.engines:
+        event.listen(engine, "before_cursor_execute", record)
     try:
         harness.drain(limit=3)  # plan, noop, effect
     finally:
-        event.remove(store.engine, "before_cursor_execute", record)
+        for engine in store.engines:
+            event.remove(engine, "before_cursor_execute", record)
     assert modes == [
         ("-", "off"),  # the planner's lease: if lost, the planner is simply asked again
         ("plan", "on"),
@@ -210,7 +212,8 @@ def test_sql_statements_per_iteration_do_not_grow_with_the_run(harness: Harness,
     def count(conn, cursor, statement, parameters, context, executemany):
         statements.append(statement)
 
-    event.listen(store.engine, "before_cursor_execute", count)
+    for engine in store.engines:
+        event.listen(engine, "before_cursor_execute", count)
     try:
         iteration = 0
         while iteration < 1000:
@@ -219,7 +222,8 @@ def test_sql_statements_per_iteration_do_not_grow_with_the_run(harness: Harness,
             iteration = run_row(harness, run_id).iteration
             counts[iteration] = len(statements) - 1  # less run_row's own SELECTs
     finally:
-        event.remove(store.engine, "before_cursor_execute", count)
+        for engine in store.engines:
+            event.remove(engine, "before_cursor_execute", count)
     # Odd iterations plan, even ones execute a step: compare like with like.
     assert counts[10] == counts[1000], (counts[10], counts[1000])
     assert counts[11] == counts[999], (counts[11], counts[999])

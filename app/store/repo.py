@@ -21,6 +21,7 @@ from secrets import token_hex
 from typing import Any
 
 from sqlalchemy import (
+    URL,
     Connection,
     Engine,
     Result,
@@ -65,9 +66,13 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    return _postgresql_engine(url)
+
+
+def _postgresql_engine(url: str | URL, **options: Any) -> Engine:
     # No pre-ping: it would add a round trip to every iteration; a dropped connection
     # raises OperationalError, which the Celery task retries with backoff.
-    return create_engine(url, pool_size=5, max_overflow=5, pool_recycle=3600)
+    return create_engine(url, pool_size=5, max_overflow=5, pool_recycle=3600, **options)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -118,6 +123,24 @@ class Guard:
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # On PostgreSQL, a lone statement runs on a connection in autocommit mode: no
+        # BEGIN and COMMIT round trips. Those connections have a pool of their own, as
+        # switching a pooled connection's mode and back costs a round trip each time.
+        self._autocommit_engine = (
+            _postgresql_engine(engine.url, isolation_level="AUTOCOMMIT")
+            if engine.dialect.name == "postgresql"
+            else None
+        )
+
+    @property
+    def engines(self) -> list[Engine]:
+        """Every engine statements go through (to listen to them all)."""
+        return [e for e in (self.engine, self._autocommit_engine) if e is not None]
+
+    def dispose(self) -> None:
+        """Close every pooled connection (new ones are opened on demand)."""
+        for engine in self.engines:
+            engine.dispose()
 
     def check(self, shown_url: str) -> None:
         """Raise StoreUnavailable unless the database answers and has the schema."""
@@ -172,11 +195,11 @@ class Store:
     def _autocommit(self) -> Iterator[Tx]:
         """Each statement its own transaction, on PostgreSQL; SQLite writes a transition
         statement by statement, so it keeps a transaction."""
-        if self.engine.dialect.name != "postgresql":
+        if self._autocommit_engine is None:
             with self.transaction() as tx:
                 yield tx
             return
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with self._autocommit_engine.connect() as conn:
             yield Tx(conn)
 
 

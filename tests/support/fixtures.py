@@ -96,9 +96,9 @@ def drop_queue(client: Any) -> None:
 
 @pytest.fixture(scope="session")
 def store(database_url: str) -> Iterator[Store]:
-    engine = make_engine(database_url)
-    yield Store(engine)
-    engine.dispose()
+    store = Store(make_engine(database_url))
+    yield store
+    store.dispose()
 
 
 # --- an in-process service: only the queue boundary is replaced ---------------------
