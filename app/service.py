@@ -1,9 +1,10 @@
 """The service layer: create_run, advance, approve, reject, resolve, cancel, status, sweep.
 
 Transports (Celery tasks, Flask views, the CLI) call these and nothing else.
-One iteration is: claim and decide in a short transaction, do the slow work
-(a tool, the planner) with no transaction open, save the outcome under the
-lease, commit, and only then enqueue the next iteration.
+One iteration is: read the run, decide, claim it with the iteration's first
+write (conditional on the run being as read; it takes the lease and marks the
+step begun), do the slow work (a tool, the planner) with no transaction open,
+save the outcome under the lease, commit, and only then enqueue the next one.
 """
 
 from __future__ import annotations
@@ -368,7 +369,7 @@ class AgentService:
 
     def _save(
         self,
-        tx: Tx | Store,
+        writer: Tx | Store,  # an open transaction, or the store for one of its own
         run: RunSnapshot,
         transition: Transition,
         *,
@@ -391,7 +392,7 @@ class AgentService:
         )
         if lease_until is not None:
             next_run_at = None
-        written = tx.apply(
+        written = writer.apply(
             run,
             transition.model_copy(update={"events": events}),
             guard=guard,

@@ -1,16 +1,16 @@
 """The statements every iteration runs, built once with bound parameters.
 
 Building a SQLAlchemy statement costs more Python time than running it on a
-loopback database, so the hot path (claim, load the open steps, save the run,
-save a step, append events) uses fixed-shape statements: a value that a
+loopback database, so the hot path uses fixed-shape statements: a value that a
 transition leaves alone is passed as NULL and kept by COALESCE / CASE.
 
 On PostgreSQL an iteration is three statements: READ_FOR_CLAIM, then APPLY
-twice (claiming the run and marking the step begun; saving the outcome). APPLY writes a transition's
-run, step and event changes at once; step updates and events travel as JSON
-arrays, so it keeps one shape whatever their number. Both are prepared once per
-connection (see Prepared), so PostgreSQL does not parse and plan them again on
-every iteration. SQLite runs the same changes statement by statement.
+twice (claiming the run and marking the step begun; saving the outcome). APPLY
+writes a transition's run, step and event changes at once; step updates and
+events travel as JSON arrays, so it keeps one shape whatever their number. Both
+are prepared once per connection (see Prepared), so PostgreSQL does not parse
+and plan them again on every iteration. SQLite runs the same changes statement
+by statement (READ_RUN, DECISION_STEPS, SAVE_RUN, SAVE_STEP, INSERT_EVENTS).
 """
 
 from __future__ import annotations
@@ -63,14 +63,7 @@ def one_of(column: ColumnElement[Any], values: Iterable[object]) -> ColumnElemen
     return or_(*(column == value for value in values))
 
 
-# What an iteration reads: the columns of a Step and a RunSnapshot, and the few an
-# iteration needs besides. Fewer columns are less for PostgreSQL to parse and send.
 STEP_COLUMNS = [steps.c[name] for name in Step.model_fields]
-ITERATION_COLUMNS = [
-    runs.c[name]
-    for name in [*RunSnapshot.model_fields, "planner", "memory_summary", "summarized_through"]
-    if name != "steps"
-]
 
 
 def decision_steps(run_id: Any, plan_version: Any) -> Select[Any]:
@@ -109,13 +102,17 @@ DECISION_STEPS = decision_steps(
     bindparam("p_run_id", type_=String()), bindparam("p_plan_version", type_=Integer())
 )
 
-# What a claim reads: the run as an iteration sees it, with the lease and due time
-# the claim is conditional on.
+# What a claim reads: what a RunSnapshot holds, what the iteration needs besides,
+# and the lease and due time the claim is conditional on. Only these: fewer columns
+# are less for PostgreSQL to send and for Python to convert.
 CLAIM_COLUMNS = [
-    *ITERATION_COLUMNS,
-    runs.c.lease_owner,
-    runs.c.lease_expires_at,
-    runs.c.next_run_at,
+    runs.c[name]
+    for name in [
+        *RunSnapshot.model_fields,
+        *("planner", "memory_summary", "summarized_through"),
+        *("lease_owner", "lease_expires_at", "next_run_at"),
+    ]
+    if name != "steps"
 ]
 READ_RUN = select(*CLAIM_COLUMNS).where(runs.c.id == bindparam("p_id", type_=String()))
 
