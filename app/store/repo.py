@@ -93,14 +93,7 @@ class StoredRun:
 
     def as_claimed(self) -> RunSnapshot:
         """The snapshot as a claim of this run leaves it (see hot.SAVE_RUN)."""
-        run = snapshot_from_row(self.row, self.steps)
-        return run.model_copy(
-            update={
-                "tick": run.tick + 1,
-                "iteration": run.iteration + 1,
-                "status": RunStatus.RUNNING,
-            }
-        )
+        return snapshot_from_row(self.row, self.steps, claimed=True)
 
 
 @dataclass(frozen=True)
@@ -684,14 +677,17 @@ def step_from_row(row: Row[Any], prefix: str = "") -> Step:
     return Step.model_validate({field: values[prefix + field] for field in Step.model_fields})
 
 
-def snapshot_from_row(row: Row[Any], plan: list[Step]) -> RunSnapshot:
+def snapshot_from_row(row: Row[Any], plan: list[Step], *, claimed: bool = False) -> RunSnapshot:
+    """The run as stored, or (`claimed`) as a claim of it leaves it: the claim bumps
+    the tick and the iteration and sets the run running."""
+    bump = 1 if claimed else 0
     return RunSnapshot(
         id=row.id,
         task=row.task,
-        status=RunStatus(row.status),
+        status=RunStatus.RUNNING if claimed else RunStatus(row.status),
         config=RunConfig.model_validate(row.config),
-        iteration=row.iteration,
-        tick=row.tick,
+        iteration=row.iteration + bump,
+        tick=row.tick + bump,
         plan_version=row.plan_version,
         replans=row.replans,
         planner_failures=row.planner_failures,
