@@ -12,13 +12,23 @@ Script entries (plain JSON, so a script can also live in a file):
     {"content": [blocks], "stop_reason": "max_tokens"}       blocks verbatim (ids filled in)
     {"status": 429, "error": {"type": "rate_limit_error", "message": "..."},
      "headers": {"retry-after": "7"}}                        an API error
-    {"status": 200, "raw": "not json"}                       a raw body
+    {"status": 200, "raw": "not json"}                       a raw body (str or bytes)
+    {"status": 200, "body": <any JSON>}                      that JSON, verbatim
 
+A raw str is encoded as UTF-8 with lone surrogates passed through, so a test can
+serve invalid UTF-8 as well as any text (e.g. JSON nested 10,000 levels deep).
 Every entry may also carry "delay" (seconds before answering, for timeouts),
-"usage" (overrides the computed token counts), "headers" and, with tool_use,
+"usage" (overrides the computed token counts), "headers" (a content-type given
+here replaces the default application/json), "patch" (fields set on the built
+message, null included), "omit" (fields removed from it) and, with tool_use,
 "text" (a text block before the call). When the script runs out the server
 answers 500 saying so. Like the real API at anthropic-version 2026-10-21 it
 rejects temperature/top_p/top_k with a 400, and it answers 401 without a key.
+It also answers 400 to conversations the API refuses (see conversation_problem):
+a tool_use whose input is not an object, empty or blank text blocks, a turn with
+no content, a tool_result with no tool_use before it, duplicate tool_use ids,
+max_tokens below 1, lone surrogates; and, stricter than the API (which merges
+them silently), two turns of one role in a row.
 
 Token counts are estimated at 4 bytes a token. Prompt caching is emulated:
 the first request with a given cached prefix (tools + system, when they carry
@@ -40,6 +50,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import signal
 import sys
 import threading
@@ -276,6 +287,9 @@ class _Handler(BaseHTTPRequestHandler):
         used = [name for name in SAMPLING_PARAMS if name in body]
         if used and version >= API_VERSION_WITHOUT_SAMPLING:
             return 400, "invalid_request_error", f"{used[0]}: Extra inputs are not permitted"
+        problem = conversation_problem(body)
+        if problem is not None:
+            return 400, "invalid_request_error", problem
         return None
 
     def _next_entry(self) -> Entry:
@@ -296,10 +310,21 @@ class _Handler(BaseHTTPRequestHandler):
             status = int(entry.get("status", 500))
             self._send_error(status, error["type"], error["message"], headers)
             return
+        status = int(entry.get("status", 200))
         if "raw" in entry:
-            self._send_raw(int(entry.get("status", 200)), str(entry["raw"]).encode(), headers)
+            raw = entry["raw"]
+            if not isinstance(raw, bytes):
+                raw = str(raw).encode("utf-8", errors="surrogatepass")
+            self._send_raw(status, raw, headers)
             return
-        self._send(int(entry.get("status", 200)), self._message(entry, body, size), headers)
+        if "body" in entry:
+            self._send(status, entry["body"], headers)
+            return
+        message = self._message(entry, body, size)
+        message.update(entry.get("patch") or {})
+        for name in entry.get("omit") or ():
+            message.pop(name, None)
+        self._send(status, message, headers)
 
     def _message(self, entry: Entry, body: dict[str, Any], size: int) -> dict[str, Any]:
         content, stop_reason = self._content(entry)
@@ -381,15 +406,109 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_raw(self, status: int, raw: bytes, headers: dict[str, str] | None) -> None:
         try:
             self.send_response(status, _reason(status))
-            self.send_header("content-type", "application/json")
+            extra = dict(headers or {})
+            if not any(name.lower() == "content-type" for name in extra):
+                self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(raw)))
             self.send_header("request-id", f"req_fake_{self.state.next_id():04d}")
-            for name, value in (headers or {}).items():
+            for name, value in extra.items():
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(raw)
         except ConnectionError:
             pass  # the client gave up (a timeout test): nothing to answer
+
+
+def conversation_problem(body: dict[str, Any]) -> str | None:
+    """What the Messages API would refuse in this request body, or None."""
+    max_tokens = body.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        return f"max_tokens: must be an integer of at least 1, got {max_tokens!r}"
+    if _has_lone_surrogate(body):
+        return "the request contains a lone surrogate (invalid Unicode)"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "messages: at least one message is required"
+    seen_ids: set[str] = set()
+    pending: set[str] = set()  # tool_use ids of the previous assistant turn
+    previous_role = None
+    for i, message in enumerate(messages):
+        where = f"messages.{i}"
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            return f"{where}: role must be user or assistant"
+        role = message["role"]
+        if role == previous_role:
+            return f"{where}: two {role} turns in a row"
+        if i == 0 and role != "user":
+            return f"{where}: the first message must use the user role"
+        previous_role = role
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list) or not content:
+            return f"{where}: all messages must have non-empty content"
+        answered: set[str] = set()
+        for j, block in enumerate(content):
+            at = f"{where}.content.{j}"
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text":
+                if not isinstance(block.get("text"), str) or not block["text"].strip():
+                    return f"{at}: text content blocks must contain non-whitespace text"
+            elif kind == "tool_use":
+                if role != "assistant":
+                    return f"{at}: tool_use blocks are only allowed in assistant turns"
+                ident = block.get("id")
+                if not isinstance(ident, str) or not TOOL_USE_ID.fullmatch(ident):
+                    return f"{at}.id: String should match pattern '{TOOL_USE_ID.pattern}'"
+                if ident in seen_ids:
+                    return f"{at}: tool_use ids must be unique, {ident!r} is repeated"
+                seen_ids.add(ident)
+                if not isinstance(block.get("name"), str) or not block["name"]:
+                    return f"{at}.name: Field required"
+                if not isinstance(block.get("input"), dict):
+                    return f"{at}.input: Input should be a valid dictionary"
+            elif kind == "tool_result":
+                if role != "user" or block.get("tool_use_id") not in pending:
+                    return (
+                        f"{at}: unexpected tool_use_id found in tool_result blocks: "
+                        f"{block.get('tool_use_id')!r}. Each tool_result block must have a "
+                        "corresponding tool_use block in the previous message."
+                    )
+                answered.add(block["tool_use_id"])
+            elif kind in ("thinking", "redacted_thinking"):
+                if role != "assistant":
+                    return f"{at}: {kind} blocks are only allowed in assistant turns"
+            else:
+                return f"{at}.type: Input tag {kind!r} found using 'type' does not match"
+        if role == "user" and pending - answered:
+            return (
+                f"{where}: tool_use ids were found without tool_result blocks immediately "
+                f"after: {', '.join(sorted(pending - answered))}"
+            )
+        pending = (
+            {b["id"] for b in content if isinstance(b, dict) and b.get("type") == "tool_use"}
+            if role == "assistant"
+            else set()
+        )
+    return None
+
+
+TOOL_USE_ID = re.compile(r"[a-zA-Z0-9_-]+")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if any("\ud800" <= ch <= "\udfff" for ch in item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _parse(raw: bytes) -> Any:
