@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test run lint bench clean
+.PHONY: install demo test chaos run lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: $(STAMP)
 	scripts/ensure-services.sh
 	scripts/ensure-browser.sh
 	$(BIN)/python -m pytest
+
+# The chaos suite at full count (tests/chaos; `make test` runs one trial per fault).
+# It starts PostgreSQL and Redis instances of its own; CHAOS_TRIALS=N to change.
+CHAOS_TRIALS ?= 10
+chaos: $(STAMP)
+	CHAOS_TRIALS=$(CHAOS_TRIALS) CHAOS_REPORT=$(abspath .agentloop/chaos-report.json) \
+		$(BIN)/python -m pytest -m chaos -p no:cacheprovider
 
 run: $(STAMP)
 	$(BIN)/agentloop db upgrade
