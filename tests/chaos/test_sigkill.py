@@ -27,7 +27,7 @@ ARMED = {
 
 @pytest.mark.parametrize("point", ["before", "during", "after", "publish"])
 def test_sigkill_of_the_pool_child(point: str, case: Case, start_chaos_worker) -> None:
-    start_chaos_worker(concurrency=2)
+    worker = start_chaos_worker(concurrency=2)
     hold = 2000 if point == "during" else 0
     runs = []
     for _ in range(trials()):
@@ -50,4 +50,8 @@ def test_sigkill_of_the_pool_child(point: str, case: Case, start_chaos_worker) -
                 case.fault(f"sigkill {point}")
             else:
                 case.violate("e", f"the fault {ARMED[point]} was never injected into {run_id}")
+    # The fault was real: the worker saw each of its pool children die of SIGKILL.
+    killed = worker.output().count("SIGKILL")
+    case.fault("SIGKILL lines in the worker log", killed)
+    assert killed >= len(runs), f"{killed} SIGKILL(s) in the worker log for {len(runs)} runs"
     case.check(healthy=point == "publish")
