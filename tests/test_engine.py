@@ -82,7 +82,9 @@ def execute(run: RunSnapshot, outcome: StepSucceeded | StepFailed, jitter: float
     started = apply_transition(run, begin_step(run, action))
     step = started.step(action.step_id)
     assert step.status is StepStatus.RUNNING
-    transition = fold_step(started, step, outcome, jitter_sample=jitter)
+    transition = fold_step(
+        started, step, outcome, policy=TOOLS.get(step.tool), jitter_sample=jitter
+    )
     return apply_transition(started, transition), transition
 
 
@@ -204,7 +206,7 @@ def test_approval_resumes_and_the_step_runs():
     run = with_plan(new_run(approval_required=["deploy"]), "deploy")
     step = run.steps[0]
     approved = apply_transition(
-        run, fold_decision(step, PauseKind.APPROVAL, Decision.APPROVE, by="ann")
+        run, fold_decision(step, PauseKind.APPROVAL, Decision.APPROVE, by="ann", context={})
     )
     assert decide(approved, now=NOW, tools=TOOLS) == Execute(step_id=step.id)
 
@@ -213,7 +215,7 @@ def test_approval_is_bound_to_the_exact_args():
     run = with_plan(new_run(approval_required=["deploy"]), "deploy")
     step = run.steps[0]
     approved = apply_transition(
-        run, fold_decision(step, PauseKind.APPROVAL, Decision.APPROVE, by="ann")
+        run, fold_decision(step, PauseKind.APPROVAL, Decision.APPROVE, by="ann", context={})
     )
     tampered = approved.model_copy(
         update={"steps": [approved.steps[0].model_copy(update={"args": {"env": "prod"}})]}
@@ -227,7 +229,12 @@ def test_approval_with_edited_args_runs_the_edited_args():
     edited = apply_transition(
         run,
         fold_decision(
-            step, PauseKind.APPROVAL, Decision.APPROVE, by="ann", edited_args={"env": "qa"}
+            step,
+            PauseKind.APPROVAL,
+            Decision.APPROVE,
+            by="ann",
+            context={},
+            edited_args={"env": "qa"},
         ),
     )
     assert edited.steps[0].args == {"env": "qa"}
@@ -239,7 +246,12 @@ def test_a_rejection_leads_to_a_replan_that_carries_the_reason():
     rejected = apply_transition(
         run,
         fold_decision(
-            run.steps[0], PauseKind.APPROVAL, Decision.REJECT, by="ann", reason="not on friday"
+            run.steps[0],
+            PauseKind.APPROVAL,
+            Decision.REJECT,
+            by="ann",
+            context={},
+            reason="not on friday",
         ),
     )
     action = decide(rejected, now=NOW, tools=TOOLS)
@@ -251,7 +263,7 @@ def test_a_rejection_leads_to_a_replan_that_carries_the_reason():
 
 
 def test_a_transient_error_retries_with_backoff():
-    run = with_plan(new_run(retry_policy={"base": 1, "factor": 2, "jitter": 0}), "notify")
+    run = with_plan(new_run(retry_policy={"base": 1, "factor": 2, "jitter": 0}), "build")
     run, transition = execute(run, StepFailed(error="503", error_class=ErrorClass.TRANSIENT))
     assert transition.delay == 1
     assert run.steps[0].status is StepStatus.PENDING and run.steps[0].attempts == 1
@@ -261,7 +273,7 @@ def test_a_transient_error_retries_with_backoff():
 
 
 def test_transient_errors_past_max_retries_lead_to_a_replan():
-    run = with_plan(new_run(retry_policy={"max_retries": 1, "jitter": 0}), "notify")
+    run = with_plan(new_run(retry_policy={"max_retries": 1, "jitter": 0}), "build")
     run, _ = execute(run, StepFailed(error="503", error_class=ErrorClass.TRANSIENT))
     run, transition = execute(run, StepFailed(error="503", error_class=ErrorClass.TRANSIENT))
     assert transition.delay == 0
@@ -375,7 +387,8 @@ def test_a_person_resolves_an_unknown_outcome(decision, status):
     run = interrupted("release")
     paused = apply_transition(run, pause(run, decide(run, now=NOW, tools=TOOLS)))  # type: ignore[arg-type]
     resolved = apply_transition(
-        paused, fold_decision(paused.steps[0], PauseKind.OUTCOME_UNKNOWN, decision, by="ann")
+        paused,
+        fold_decision(paused.steps[0], PauseKind.OUTCOME_UNKNOWN, decision, by="ann", context={}),
     )
     assert resolved.status is RunStatus.RUNNING
     assert resolved.steps[0].status is status
@@ -435,7 +448,10 @@ def approved_then_failed(args: dict) -> RunSnapshot:
     run = with_plan(new_run(approval_required=["deploy"]), "deploy")
     run = run.model_copy(update={"steps": [run.steps[0].model_copy(update={"args": args})]})
     run = apply_transition(
-        run, fold_decision(run.steps[0], PauseKind.APPROVAL, Decision.APPROVE, by="ann")
+        run,
+        fold_decision(
+            run.steps[0], PauseKind.APPROVAL, Decision.APPROVE, by="ann", context=run.context
+        ),
     )
     run, _ = execute(run, StepFailed(error="missing env var X", error_class=ErrorClass.PERMANENT))
     return run
@@ -466,3 +482,74 @@ def test_a_replan_with_different_args_needs_a_new_approval():
         run, PlannedStep(description="deploy prod", tool="deploy", args={"env": "prod"})
     )
     assert isinstance(decide(run, now=NOW, tools=TOOLS), AwaitHuman)
+
+
+# --- a tool that must not run twice -------------------------------------------------------
+
+
+def test_an_ambiguous_failure_of_a_non_idempotent_tool_pauses_instead_of_retrying():
+    """A timeout or a dropped connection may have taken effect: never run it again
+    behind a person's back (it was retried, and ran three times)."""
+    run = with_plan(new_run(), "release")
+    run, transition = execute(
+        run, StepFailed(error="release timed out after 60 s", error_class=ErrorClass.TRANSIENT)
+    )
+    assert run.status is RunStatus.PAUSED and transition.delay is None
+    assert transition.human_request is not None
+    assert transition.human_request.kind is PauseKind.OUTCOME_UNKNOWN
+    assert run.steps[0].error_class is ErrorClass.UNKNOWN_OUTCOME
+    assert "not safe to run twice" in (run.steps[0].error or "")
+
+
+def test_a_non_idempotent_tool_is_retried_when_it_declares_nothing_was_applied():
+    run = with_plan(new_run(retry_policy={"base": 1, "jitter": 0}), "release")
+    refused = StepFailed(
+        error="connection refused", error_class=ErrorClass.TRANSIENT, not_applied=True
+    )
+    run, transition = execute(run, refused)
+    assert transition.delay == 1 and run.steps[0].status is StepStatus.PENDING
+
+
+def test_an_unknown_tool_counts_as_not_idempotent():
+    run = with_plan(new_run(), "vanished")
+    action = decide(run, now=NOW, tools=TOOLS)
+    assert isinstance(action, Execute)
+    started = apply_transition(run, begin_step(run, action))
+    transition = fold_step(
+        started,
+        started.steps[0],
+        StepFailed(error="timed out", error_class=ErrorClass.TRANSIENT),
+        policy=None,
+        jitter_sample=0,
+    )
+    assert transition.status is RunStatus.PAUSED
+
+
+# --- an approval is bound to what the call reads --------------------------------------------
+
+
+def test_an_approval_does_not_survive_a_change_of_the_context_it_reads():
+    """deploy {env: staging} approved, then a step sets an env var the deploy reads:
+    the approval was for a different call, so a person is asked again."""
+    run = approved_then_failed({"env": "staging"})
+    run = replanned(
+        run,
+        PlannedStep(description="set X", tool="build"),
+        PlannedStep(description="deploy again", tool="deploy", args={"env": "staging"}),
+    )
+    run, _ = execute(run, StepSucceeded(context_updates={"STAGING_DATABASE_URL": "pg://x"}))
+    action = decide(run, now=NOW, tools=TOOLS)
+    assert isinstance(action, AwaitHuman) and action.kind is PauseKind.APPROVAL
+
+
+def test_an_approval_given_in_one_context_is_not_valid_in_another():
+    run = with_plan(new_run(approval_required=["deploy"]), "deploy")
+    approved = apply_transition(
+        run,
+        fold_decision(
+            run.steps[0], PauseKind.APPROVAL, Decision.APPROVE, by="ann", context={"A": "1"}
+        ),
+    )
+    assert isinstance(decide(approved, now=NOW, tools=TOOLS), AwaitHuman)
+    same = approved.model_copy(update={"context": {"A": "1"}})
+    assert isinstance(decide(same, now=NOW, tools=TOOLS), Execute)

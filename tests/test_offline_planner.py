@@ -384,7 +384,10 @@ def execute(run: RunSnapshot, action: Execute, tmp_path: Path) -> RunSnapshot:
     )
     tool = REGISTRY.get(step.tool)
     outcome = run_tool(tool, step.args, ctx, timeout=tool.timeout)
-    return apply_transition(run, fold_step(run, step, outcome, jitter_sample=0.0))
+    transition = fold_step(
+        run, step, outcome, policy=REGISTRY.policies().get(step.tool), jitter_sample=0.0
+    )
+    return apply_transition(run, transition)
 
 
 def test_the_demo_task_runs_to_completion_offline(
@@ -418,7 +421,9 @@ def test_the_demo_task_runs_to_completion_offline(
                 step = run.step(action.step_id)
                 approvals.append(REGISTRY.get(step.tool).describe_call(step.args))
                 run = apply_transition(run, pause(run, action))
-                transition = fold_decision(step, action.kind, Decision.APPROVE, by="tester")
+                transition = fold_decision(
+                    step, action.kind, Decision.APPROVE, by="tester", context=run.context
+                )
             case Fail():
                 pytest.fail(action.reason)
         events += transition.events
@@ -428,9 +433,10 @@ def test_the_demo_task_runs_to_completion_offline(
             break
     assert run.status is RunStatus.COMPLETED, [e.message for e in events][-6:]
     assert run.plan_version == 2 and run.replans == 1
-    # Asked once: the planner retries the failed deploy with the very args that were
-    # approved, and the engine carries an approval over to such an identical retry.
-    assert approvals == ["deploy to staging"]
+    # Asked twice: the retry of the failed deploy has the very args that were approved,
+    # but set_env changed the environment the deploy reads in between, so the first
+    # approval was for a different call.
+    assert approvals == ["deploy to staging", "deploy to staging"]
     assert run.context == {"STAGING_DATABASE_URL": "sqlite:///staging.db"}
     by_tool = {s.tool: s for s in run.steps if s.status is StepStatus.COMPLETED}
     assert by_tool["run_tests"].attempts == 2  # the cold fixture cache, then the real run

@@ -169,10 +169,16 @@ class StepSucceeded(BaseModel):
 
 
 class StepFailed(BaseModel):
+    """A tool's failure. `not_applied`: the tool declares its effect did not happen
+    (e.g. the connection was refused before anything was sent), so even a tool that
+    must not run twice may be tried again. Without it, a failure of such a tool is
+    ambiguous (a timeout, a connection lost after sending) and a person decides."""
+
     type: Literal["step_failed"] = "step_failed"
     error: str
     error_class: ErrorClass
     detail: Any = None
+    not_applied: bool = False
 
 
 StepOutcome = StepSucceeded | StepFailed

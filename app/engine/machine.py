@@ -34,6 +34,7 @@ from app.engine.models import (
     Decision,
     ErrorClass,
     EventKind,
+    JSONDict,
     PauseKind,
     RetryPolicy,
     RunConfig,
@@ -42,7 +43,7 @@ from app.engine.models import (
     Step,
     StepStatus,
     ToolPolicy,
-    args_hash,
+    approval_hash,
 )
 
 Tools = Mapping[str, ToolPolicy]
@@ -99,7 +100,9 @@ def decide(run: RunSnapshot, *, now: datetime, tools: Tools) -> Action:
     pending = _first(run, StepStatus.PENDING)
     if pending is None:
         return Plan(purpose="verify")
-    if needs_approval(cfg, pending, tools.get(pending.tool)) and not pending.is_approved:
+    if needs_approval(cfg, pending, tools.get(pending.tool)) and not pending.approved_in(
+        run.context
+    ):
         return AwaitHuman(
             step_id=pending.id,
             kind=PauseKind.APPROVAL,
@@ -196,12 +199,34 @@ def begin_step(run: RunSnapshot, action: Execute) -> Transition:
 
 
 def fold_step(
-    run: RunSnapshot, step: Step, outcome: StepOutcome, *, jitter_sample: float
+    run: RunSnapshot,
+    step: Step,
+    outcome: StepOutcome,
+    *,
+    policy: ToolPolicy | None,
+    jitter_sample: float,
 ) -> Transition:
-    """Fold a tool's outcome in. `step` is as begin_step left it (attempts counted)."""
+    """Fold a tool's outcome in. `step` is as begin_step left it (attempts counted);
+    `policy` is its tool's (None for a tool this worker does not know)."""
     if isinstance(outcome, StepSucceeded):
         return _step_succeeded(step, outcome)
-    return _step_failed(run, step, outcome, jitter_sample=jitter_sample)
+    return _step_failed(run, step, _unambiguous(outcome, policy), jitter_sample=jitter_sample)
+
+
+def _unambiguous(outcome: StepFailed, policy: ToolPolicy | None) -> StepFailed:
+    """A transient failure of a tool that must not run twice is a retry only when the
+    tool declares its effect was not applied; otherwise the effect is unknown (the
+    call timed out, or the connection dropped after the request was sent)."""
+    idempotent = policy is not None and policy.idempotent
+    if outcome.error_class is not ErrorClass.TRANSIENT or idempotent or outcome.not_applied:
+        return outcome
+    return outcome.model_copy(
+        update={
+            "error_class": ErrorClass.UNKNOWN_OUTCOME,
+            "error": f"{outcome.error} — it may or may not have taken effect, and it is "
+            "not safe to run twice, so it is not retried",
+        }
+    )
 
 
 def _step_succeeded(step: Step, outcome: StepSucceeded) -> Transition:
@@ -386,12 +411,13 @@ def _new_plan(run: RunSnapshot, action: Plan, outcome: PlanProduced) -> Transiti
         if step.plan_version == run.plan_version and step.status is StepStatus.PENDING
     ]
     listing = "; ".join(f"{i}. {s.description} [{s.tool}]" for i, s in enumerate(outcome.steps, 1))
-    carried = _carried_approvals(action, outcome)
+    carried = _carried_approvals(run, action, outcome)
     notes = [
         NewEvent(
             kind=EventKind.APPROVAL,
             message=f"approval carried over to the retry of {outcome.steps[i].tool} "
-            "(same tool, same args as the approved step that failed)",
+            "(same tool, same args and context as the approved step that failed); "
+            "a step that changes the context before it runs makes it ask again",
         )
         for i in carried
     ]
@@ -424,17 +450,20 @@ def _new_plan(run: RunSnapshot, action: Plan, outcome: PlanProduced) -> Transiti
     )
 
 
-def _carried_approvals(action: Plan, outcome: PlanProduced) -> dict[int, str]:
+def _carried_approvals(run: RunSnapshot, action: Plan, outcome: PlanProduced) -> dict[int, str]:
     """A re-plan that retries the very call a person approved keeps that approval.
 
-    Only an identical call (tool and args hash) of a step that failed after being
-    approved qualifies, so a plan can never grant itself a new approval.
+    Only an identical call (tool, args and the run context they read) of a step that
+    failed after being approved qualifies, so a plan can never grant itself a new
+    approval; and as the approval stays bound to that context, a step of the new
+    plan that changes the context before the retry runs makes it ask again.
     """
     failure = action.failure
     if failure is None or failure.approved_args_hash is None:
         return {}
     for index, planned in enumerate(outcome.steps):
-        if planned.tool == failure.tool and args_hash(planned.args) == failure.approved_args_hash:
+        same = approval_hash(planned.args, run.context) == failure.approved_args_hash
+        if planned.tool == failure.tool and same:
             return {index: failure.approved_args_hash}
     return {}
 
@@ -445,15 +474,17 @@ def fold_decision(
     decision: Decision,
     *,
     by: str,
+    context: JSONDict,
     reason: str = "",
     edited_args: dict[str, object] | None = None,
 ) -> Transition:
-    """A person's decision about a paused step; the run resumes at once."""
+    """A person's decision about a paused step; the run resumes at once. An approval
+    is bound to the args and the run `context` as they are now (see approval_hash)."""
     args = edited_args if edited_args is not None else step.args
     update = StepUpdate(step_id=step.id)
     match decision:
         case Decision.APPROVE:
-            update.approved_args_hash = args_hash(args)
+            update.approved_args_hash = approval_hash(args, context)
             update.args = args if edited_args is not None else None
         case Decision.REJECT:
             update.status = StepStatus.REJECTED

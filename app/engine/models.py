@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 JSONDict = dict[str, Any]
 
@@ -92,7 +100,7 @@ DECISIONS_FOR: dict[PauseKind, frozenset[Decision]] = {
 class RetryPolicy(BaseModel):
     """Exponential backoff with jitter: delay(n) = min(max_backoff, base * factor**(n-1))."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     max_retries: int = Field(3, ge=0, le=20)
     base: float = Field(2.0, gt=0, le=600)
@@ -116,7 +124,7 @@ DEFAULT_APPROVAL_REQUIRED = ("deploy", "delete", "send_email")
 class RunConfig(BaseModel):
     """Per-run options. Validated when a run is created, stored with the run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     planner: str = Field("auto", pattern=r"^(auto|offline|anthropic)$")
     runbook: str | None = Field(None, max_length=100)
@@ -138,6 +146,32 @@ class RunConfig(BaseModel):
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any]) -> RunConfig:
+        """A config as a run stored it, read leniently: strict validation belongs to
+        creation. A field a later release dropped is ignored, and one whose value no
+        longer validates takes its default, so an upgrade never fails active runs."""
+        known = _known_fields(cls, stored)
+        try:
+            return cls.model_validate(known)
+        except ValidationError as exc:
+            invalid = {err["loc"][0] for err in exc.errors() if err["loc"]}
+            return cls.model_validate({k: v for k, v in known.items() if k not in invalid})
+
+
+def _known_fields(model: type[BaseModel], stored: Mapping[str, Any]) -> dict[str, Any]:
+    """`stored` without the keys `model` does not have, nested models included."""
+    known: dict[str, Any] = {}
+    for name, value in stored.items():
+        field = model.model_fields.get(name)
+        if field is None:
+            continue
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel) and isinstance(value, dict):
+            value = _known_fields(nested, value)
+        known[name] = value
+    return known
 
 
 class ToolPolicy(BaseModel):
@@ -171,14 +205,22 @@ class Step(BaseModel):
     def args_hash(self) -> str:
         return args_hash(self.args)
 
-    @property
-    def is_approved(self) -> bool:
-        return self.approved_args_hash == self.args_hash
+    def approved_in(self, context: JSONDict) -> bool:
+        """Whether a person approved exactly this call, as it would run now: the same
+        args reading the same run context (env values set by earlier steps)."""
+        return self.approved_args_hash == approval_hash(self.args, context)
 
 
 def idempotency_key(run_id: str, plan_version: int, position: int) -> str:
     """Stable across retries and worker crashes: the same step always has the same key."""
     return f"{run_id}:v{plan_version}:p{position}"
+
+
+def approval_hash(args: JSONDict, context: JSONDict) -> str:
+    """What an approval is bound to: the call's args and everything they read besides
+    (step references name completed steps, whose results never change; the run
+    context can). A plan that changes the context after an approval asks again."""
+    return args_hash({"args": args, "context": context})
 
 
 def args_hash(args: JSONDict) -> str:

@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import tempfile
 import urllib.error
@@ -130,6 +131,8 @@ def raise_for_exit(result: ProcessOutput, what: str) -> None:
     raise ToolError(
         f"{what} exited {result.exit_code}: {kind}; output tail:\n{result.tail()}",
         ErrorClass.TRANSIENT if transient else ErrorClass.PERMANENT,
+        # EX_TEMPFAIL is the command's own word that trying again is safe.
+        not_applied=transient,
     )
 
 
@@ -223,8 +226,9 @@ class ShellArgs(BaseModel):
         "sees only PATH, HOME, LANG and the env vars set earlier in this run (set_env). "
         "Exit 0 succeeds; exit 75 (EX_TEMPFAIL) is a transient failure and is retried; any "
         "other exit code is a permanent failure whose message ends with the output tail. "
-        "A command past its timeout is killed with its children (transient). "
-        "cwd must stay inside the workspace. Not idempotent: a retry runs the command again."
+        "A command past its timeout is killed with its children, and as it may have done "
+        "part of its work the run pauses for a person. cwd must stay inside the workspace. "
+        "Not idempotent."
     ),
     args=ShellArgs,
     idempotent=False,
@@ -309,7 +313,11 @@ def send_request(request: urllib.request.Request, *, timeout: float) -> HttpResp
                 return _read_response(exc.code, exc.headers, exc)
             raise _status_error(target, exc) from None
     except urllib.error.URLError as exc:
-        raise ToolError(f"{target}: cannot connect: {exc.reason}", ErrorClass.TRANSIENT) from None
+        raise ToolError(
+            f"{target}: cannot connect: {exc.reason}",
+            ErrorClass.TRANSIENT,
+            not_applied=_never_sent(exc.reason),
+        ) from None
     except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         raise ToolError(
             f"{target}: {type(exc).__name__}: {exc or 'timed out'}", ErrorClass.TRANSIENT
@@ -334,7 +342,16 @@ def _status_error(target: str, exc: urllib.error.HTTPError) -> ToolError:
     return ToolError(
         f"{target} answered {exc.code} {exc.reason}" + (f": {excerpt}" if excerpt else ""),
         ErrorClass.TRANSIENT if transient else ErrorClass.PERMANENT,
+        # 429: the server refused to take the request on. A 5xx may come after the
+        # effect (a proxy timing out on a server that went on), so it is not.
+        not_applied=exc.code == 429,
     )
+
+
+def _never_sent(reason: object) -> bool:
+    """Whether a connection error happened before any byte of the request left:
+    the name did not resolve, or the connection was refused."""
+    return isinstance(reason, ConnectionRefusedError | socket.gaierror)
 
 
 def _build_request(args: HttpArgs) -> urllib.request.Request:
@@ -360,9 +377,10 @@ def _redact_url(url: str) -> str:
         f"are followed; the body is cut at {OUTPUT_LIMIT // 1024} KB (with a note) and only "
         "content-type, content-length, location, retry-after, etag, last-modified and date "
         "headers are returned. Give either `body` (raw text) or `json` (sets Content-Type: "
-        "application/json). 2xx/3xx succeed; 429, 5xx, connection errors and timeouts are "
-        "transient failures (retried with backoff); other 4xx are permanent. "
-        "Not idempotent: a retry sends the request again."
+        "application/json). 2xx/3xx succeed; other 4xx are permanent failures. A refused "
+        "connection, an unknown host and 429 are retried with backoff; a timeout, a dropped "
+        "connection or a 5xx may have taken effect, so the run pauses for a person. "
+        "Not idempotent: it is never sent twice behind anyone's back."
     ),
     args=HttpArgs,
     idempotent=False,

@@ -23,18 +23,37 @@ from app.engine.actions import StepFailed, StepOutcome, StepSucceeded
 from app.engine.models import ErrorClass, ToolPolicy
 
 MAX_RESULT_BYTES = 32_000
+# Seconds a tool running in a thread gets past its timeout to end by itself.
+THREAD_STOP_GRACE = 5.0
 
 
 class ToolError(Exception):
-    """Raised by a tool to say what failed and who must act on it."""
+    """Raised by a tool to say what failed and who must act on it.
 
-    def __init__(self, message: str, error_class: ErrorClass = ErrorClass.PERMANENT) -> None:
+    `not_applied=True` declares that the effect did not happen (nothing was sent, the
+    command refused to start): only then is a TRANSIENT failure of a tool that is not
+    idempotent retried. Otherwise such a failure pauses the run as outcome unknown.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        error_class: ErrorClass = ErrorClass.PERMANENT,
+        *,
+        not_applied: bool = False,
+    ) -> None:
         super().__init__(message)
         self.error_class = error_class
+        self.not_applied = not_applied
 
 
 class ToolTimeout(TimeoutError):
     """The tool ran past its timeout and was interrupted."""
+
+
+class ToolStillRunning(Exception):
+    """The tool ran past its timeout in a thread that cannot be interrupted, and it was
+    still running when this attempt gave up on it: no new attempt may start."""
 
 
 @dataclass(frozen=True)
@@ -136,8 +155,18 @@ class ToolRegistry:
     def specs(self) -> list[dict[str, Any]]:
         return list(self._specs.values())
 
-    def check_args(self, name: str, args: Mapping[str, Any]) -> list[str]:
-        """Problems with a call of `name` with `args`; empty when it is valid."""
+    def check_args(
+        self,
+        name: str,
+        args: Mapping[str, Any],
+        *,
+        unresolved: Iterable[tuple[str | int, ...]] = (),
+    ) -> list[str]:
+        """Problems with a call of `name` with `args`; empty when it is valid.
+
+        `unresolved` are the places in `args` that hold a reference to a result not
+        known yet: whatever is wrong there is checked once it is filled in, the
+        rest of the args is checked now."""
         try:
             tool = self.get(name)
         except UnknownTool as exc:
@@ -145,13 +174,21 @@ class ToolRegistry:
         try:
             tool.args_model.model_validate(dict(args))
         except ValidationError as exc:
-            return [f"{name}: {_validation_message(exc)}"]
+            pending = tuple(unresolved)
+            errors = [e for e in exc.errors() if not _overlaps(tuple(e["loc"]), pending)]
+            return [f"{name}: {_validation_message(errors)}"] if errors else []
         return []
 
 
-def _validation_message(exc: ValidationError) -> str:
+def _overlaps(loc: tuple[str | int, ...], places: tuple[tuple[str | int, ...], ...]) -> bool:
+    """Whether an error at `loc` concerns one of `places` (one lies within the other)."""
+    return any(loc[: len(p)] == p or p[: len(loc)] == loc for p in places)
+
+
+def _validation_message(errors: ValidationError | list[Any]) -> str:
+    found = errors.errors() if isinstance(errors, ValidationError) else errors
     return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'args'}: {err['msg']}" for err in exc.errors()
+        f"{'.'.join(str(p) for p in err['loc']) or 'args'}: {err['msg']}" for err in found
     )
 
 
@@ -218,10 +255,22 @@ def run_tool(
     try:
         answer = _call_with_timeout(tool.fn, parsed, ctx, timeout=timeout)
     except ToolError as exc:
-        return StepFailed(error=str(exc), error_class=exc.error_class)
+        return StepFailed(error=str(exc), error_class=exc.error_class, not_applied=exc.not_applied)
     except ToolTimeout:
         return StepFailed(
             error=f"{tool.name} timed out after {timeout:g} s", error_class=ErrorClass.TRANSIENT
+        )
+    except ToolStillRunning:
+        return StepFailed(
+            error=f"{tool.name} timed out after {timeout:g} s and could not be stopped: it "
+            "may still be running, so no other attempt starts until a person decides",
+            error_class=ErrorClass.UNKNOWN_OUTCOME,
+        )
+    except ConnectionRefusedError as exc:  # refused before anything was sent
+        return StepFailed(
+            error=f"{type(exc).__name__}: {exc}",
+            error_class=ErrorClass.TRANSIENT,
+            not_applied=True,
         )
     except (TimeoutError, ConnectionError) as exc:
         return StepFailed(error=f"{type(exc).__name__}: {exc}", error_class=ErrorClass.TRANSIENT)
@@ -254,7 +303,9 @@ def _call_with_timeout(
 
     In the main thread (Celery's prefork and solo pools run tasks there) a
     SIGALRM timer raises ToolTimeout inside the tool, even in a blocking call.
-    Elsewhere the tool runs in a daemon thread that is abandoned on timeout.
+    Elsewhere (a thread pool) the tool runs in a daemon thread, which cannot be
+    interrupted: past its timeout it is given `THREAD_STOP_GRACE` more seconds to end,
+    then reported as still running (ToolStillRunning), never retried behind its back.
     """
     if threading.current_thread() is threading.main_thread():
         return _call_with_alarm(fn, args, ctx, timeout=timeout)
@@ -289,7 +340,11 @@ def _call_in_thread(fn: ToolFn, args: BaseModel, ctx: ToolContext, *, timeout: f
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        raise ToolTimeout()
+        # A tool that waits on I/O with its own timeout may still end by itself; what
+        # it ends with, late or not, is what happened.
+        worker.join(THREAD_STOP_GRACE)
+        if worker.is_alive():
+            raise ToolStillRunning()
     if "error" in box:
         raise box["error"]
     result: ToolResult = box["result"]
