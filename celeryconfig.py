@@ -41,7 +41,11 @@ accept_content = ["json"]
 # A hard backstop only: tools enforce their own timeouts well below it.
 task_time_limit = 1800
 worker_hijack_root_logger = False
-worker_cancel_long_running_tasks_on_connection_loss = True
+# A broker blip must never cut a running tool off mid-effect: the database is the
+# truth, so the step finishes and saves, and the message redelivered after the
+# reconnect is a stale-tick no-op. (With True, an 8 s Redis outage interrupted
+# non-idempotent effects halfway.)
+worker_cancel_long_running_tasks_on_connection_loss = False
 
 beat_schedule = {
     "agentloop-sweep": {"task": "agentloop.sweep", "schedule": _settings.sweep_interval},

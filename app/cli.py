@@ -81,25 +81,39 @@ def main() -> None:
 
 @main.command()
 @click.argument("task")
-@click.option("--planner", type=click.Choice(["auto", "offline", "anthropic"]), default="auto")
+@click.option(
+    "--planner",
+    type=click.Choice(["auto", "offline", "anthropic"]),
+    default=None,
+    help="Overrides the config's planner; auto when neither names one.",
+)
 @click.option("--runbook", default=None, help="Offline planner: force this runbook.")
 @click.option("--max-iterations", type=int, default=None)
 @click.option("--timeout", type=float, default=None, help="Seconds for the whole run.")
 @click.option("--approval-required", default=None, help="Comma-separated tool names.")
 @click.option("--config", "config_json", default=None, help="Run config as JSON.")
+@click.option(
+    "--idempotency-key",
+    default=None,
+    help="Run the same command again with the same key: you get the run the first one "
+    "made, not a second run.",
+)
 @click.option("--follow/--no-follow", default=False, help="Print the timeline as it grows.")
 @friendly_errors
 def run(
     task: str,
-    planner: str,
+    planner: str | None,
     runbook: str | None,
     max_iterations: int | None,
     timeout: float | None,
     approval_required: str | None,
     config_json: str | None,
+    idempotency_key: str | None,
     follow: bool,
 ) -> None:
-    """Start a run for TASK (a worker must be running: `agentloop worker`)."""
+    """Start a run for TASK (a worker must be running: `agentloop worker`).
+
+    Options override the same fields of --config."""
     _, service = connect()
     config: dict[str, Any] = _parse_json(config_json, "--config") if config_json else {}
     options = {
@@ -110,7 +124,9 @@ def run(
         "approval_required": approval_required,
     }
     config.update({k: v for k, v in options.items() if v is not None})
-    run_id = service.create_run(task, config=config, created_by=_whoami())
+    run_id = service.create_run(
+        task, config=config, created_by=_whoami(), idempotency_key=idempotency_key
+    )
     view = service.status(run_id)
     click.echo(f"run {run_id} created (planner: {view.run.planner})")
     if follow:

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # How late a due run must be before the sweep re-enqueues it.
     sweep_grace: float = Field(30.0, gt=0, le=3600)
     sweep_interval: float = Field(15.0, gt=0, le=3600)
+    # How long a nudge the sweep published may wait in the queue before it is taken
+    # for lost (the broker lost it too) and the run is nudged again.
+    nudge_timeout: float = Field(120.0, gt=0, le=24 * 3600)
     broker_visibility_timeout: int = Field(3600, ge=60)
     # The Celery queue every agentloop task goes to (tests use one per session).
     queue: str = Field("agentloop", pattern=r"^[A-Za-z0-9_.-]{1,100}$")

@@ -9,11 +9,13 @@ save the outcome under the lease, commit, and only then enqueue the next one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import socket
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -23,7 +25,9 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 from sqlalchemy import Row
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from app.engine import sanitize
 from app.engine.actions import (
     AwaitHuman,
     Execute,
@@ -56,6 +60,7 @@ from app.engine.models import (
     RunSnapshot,
     RunStatus,
     Step,
+    args_hash,
 )
 from app.engine.redact import redact, secret_values
 from app.planner.base import EventView, Planner, PlanRequest, StepView, ToolSpec
@@ -66,13 +71,32 @@ from app.planner.prompt import (
     summarize_events,
 )
 from app.planner.refs import RefError, check_refs, find_refs, resolve_refs
-from app.store.repo import Guard, NotFound, Store, Tx, snapshot_from_row
-from app.tools.registry import ToolContext, ToolRegistry, UnknownTool, run_tool
+from app.store.repo import (
+    Guard,
+    NotFound,
+    Store,
+    Tx,
+    database_away,
+    snapshot_from_row,
+)
+from app.tools.registry import (
+    THREAD_STOP_GRACE,
+    ToolContext,
+    ToolRegistry,
+    UnknownTool,
+    run_tool,
+)
 
 log = logging.getLogger(__name__)
 
 RECENT_COMPLETED_STEPS = 50
 SUMMARY_FOLD_LIMIT = 500
+# Waits between attempts to save an outcome while the database is away.
+SAVE_RETRY_FIRST_WAIT = 0.25
+SAVE_RETRY_MAX_WAIT = 4.0
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+REJECTED_STEPS = 50  # rejected calls a plan is checked against (the latest)
+MAX_RUN_ID_CHARS = 32  # the column's width
 
 
 class ServiceError(Exception):
@@ -137,6 +161,7 @@ class SlowWork:
     """What the slow part of an iteration needs, read when the run was claimed."""
 
     run: RunSnapshot
+    lease_until: datetime
     request: PlanRequest | None = None
     args: JSONDict | StepFailed = field(default_factory=dict)
 
@@ -164,7 +189,12 @@ class AgentService:
     lease_grace: float = 30.0
     llm_timeout: float = 120.0
     sweep_grace: float = 30.0
+    # How long a nudge may wait in the queue before the sweep takes it for lost.
+    nudge_timeout: float = 120.0
+    # Time that decides ownership (leases, due times) must be the database's: wiring
+    # passes a DatabaseClock; tests a manual one.
     clock: Callable[[], datetime] = utcnow
+    sleep: Callable[[float], None] = time.sleep
     jitter: Callable[[], float] = random.random
     worker_id: str = field(default_factory=default_worker_id)
 
@@ -176,9 +206,15 @@ class AgentService:
         *,
         config: RunConfig | Mapping[str, Any] | None = None,
         created_by: str | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
-        """Store a new run and enqueue its first iteration. Raises InvalidInput."""
-        task = (task or "").strip()
+        """Store a new run and enqueue its first iteration; returns its id.
+
+        With an `idempotency_key`, a retry of the same request by the same creator
+        returns the run the first one made (and a different request with that key is
+        a Conflict). Once the run is stored, nothing fails the call: a failed publish
+        is logged and the sweep starts the run. Raises InvalidInput, Conflict."""
+        task = check_text((task or "").strip(), "the task")
         if not task:
             raise InvalidInput("the task is empty: say what the agent should do")
         if len(task) > MAX_TASK_CHARS:
@@ -195,35 +231,65 @@ class AgentService:
             self.planners(planner)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
+        key = _scoped_key(idempotency_key, created_by)
+        request_hash = args_hash({"task": task, "config": cfg.model_dump(mode="json")})
+        if key is not None and (existing := self._replayed(key, request_hash)) is not None:
+            return existing
         run_id = token_hex(8)
         now = self.clock()
+        try:
+            with self.store.transaction() as tx:
+                tx.insert_run(
+                    run_id=run_id,
+                    task=task,
+                    planner=planner,
+                    config=cfg,
+                    deadline=now + timedelta(seconds=cfg.timeout),
+                    now=now,
+                    created_by=created_by,
+                    idempotency_key=key,
+                    request_hash=request_hash if key is not None else None,
+                )
+                tx.insert_events(
+                    run_id,
+                    0,
+                    [
+                        _status_event(
+                            f"run created by {created_by or 'anonymous'} with the {planner} planner"
+                        )
+                    ],
+                    now,
+                )
+        except IntegrityError:
+            # The same key, created concurrently: the other request's run stands.
+            if key is None or (existing := self._replayed(key, request_hash)) is None:
+                raise
+            return existing
+        self._publish(run_id, 0, 0)
+        return run_id
+
+    def _replayed(self, key: str, request_hash: str) -> str | None:
+        """The run an earlier request with this idempotency key created, if any; it is
+        nudged again while still queued, in case that request's publish was lost."""
         with self.store.transaction() as tx:
-            tx.insert_run(
-                run_id=run_id,
-                task=task,
-                planner=planner,
-                config=cfg,
-                deadline=now + timedelta(seconds=cfg.timeout),
-                now=now,
-                created_by=created_by,
+            row = tx.run_by_idempotency_key(key)
+        if row is None:
+            return None
+        if row.request_hash != request_hash:
+            raise Conflict(
+                "this idempotency key was already used for a different request: "
+                "use a new key for a new run"
             )
-            tx.insert_events(
-                run_id,
-                0,
-                [
-                    _status_event(
-                        f"run created by {created_by or 'anonymous'} with the {planner} planner"
-                    )
-                ],
-                now,
-            )
-        self.dispatcher.enqueue(run_id, 0, 0)
+        if row.status == RunStatus.QUEUED:
+            self._publish(row.id, row.tick, 0)  # a duplicate message is a no-op
+        run_id: str = row.id
         return run_id
 
     @staticmethod
     def _validate_config(config: RunConfig | Mapping[str, Any] | None) -> RunConfig:
         if isinstance(config, RunConfig):
             return config
+        check_json(dict(config or {}), "config")
         try:
             return RunConfig.model_validate(dict(config or {}))
         except ValidationError as exc:
@@ -236,7 +302,13 @@ class AgentService:
     # --- one iteration --------------------------------------------------------------
 
     def advance(self, run_id: str, tick: int) -> None:
-        """Advance a run by one iteration, if this message is still current."""
+        """Advance a run by one iteration, if this message is still current.
+
+        Raises the database's OperationalError when it cannot be reached before the
+        claim (nothing was written: the message may simply be delivered again). Any
+        other unexpected error fails the run with the reason recorded — but only
+        while this worker may still write to it (see _fail_internal) — and is raised.
+        """
         now = self.clock()
         stored = self.store.read_for_claim(run_id)
         if stored is None:
@@ -245,22 +317,37 @@ class AgentService:
         if not self._claimable(stored.row, tick, now):
             return
         run = stored.as_claimed()
-        action = decide(run, now=now, tools=self.tools.policies())
-        claimed = self._claim(stored.row, run, action, now)
-        if claimed is None:
-            return  # another worker claimed the run first, or it changed since it was read
-        if isinstance(claimed, Transition):
-            self._after_commit(run.id, run.tick, claimed)
-            return
-        run = claimed.run
+        # Until the claim commits, the run may be written only if it is still as read.
+        guard = Guard.claim(self.worker_id, stored.row)
+        try:
+            action = decide(run, now=now, tools=self.tools.policies())
+            claimed = self._claim(stored.row, run, action, now)
+            if claimed is None:
+                return  # another worker claimed the run first, or it changed since read
+            if isinstance(claimed, Transition):
+                self._after_commit(run.id, run.tick, claimed)
+                return
+            run = claimed.run
+            guard = Guard(owner=self.worker_id, tick=run.tick)  # the lease is ours now
+            assert isinstance(action, Execute | Plan)  # only slow work leaves _claim unsettled
+            self._finish(claimed, action, self._slow_work(stored.row.planner, claimed, action))
+        except DBAPIError as exc:
+            if database_away(exc):
+                raise  # nothing more can be written now; the lease lapses, others recover
+            self._fail_internal(run, guard, exc)
+            raise
+        except Exception as exc:
+            self._fail_internal(run, guard, exc)
+            raise
+
+    def _slow_work(
+        self, planner_kind: str, work: SlowWork, action: Execute | Plan
+    ) -> StepOutcome | PlanOutcome:
+        """The tool call or the planner call, with no transaction open."""
         if isinstance(action, Execute):
-            outcome: StepOutcome | PlanOutcome = self._execute(
-                run, run.step(action.step_id), claimed.args
-            )
-        else:
-            assert isinstance(action, Plan) and claimed.request is not None
-            outcome = self._plan(stored.row.planner, claimed.request)
-        self._finish(run, action, outcome)
+            return self._execute(work.run, work.run.step(action.step_id), work.args)
+        assert work.request is not None
+        return self._plan(planner_kind, work.request)
 
     def _claimable(self, row: Row[Any], tick: int, now: datetime) -> bool:
         """Whether this message may claim the run (the claim itself checks again). Not a
@@ -272,7 +359,7 @@ class AgentService:
             return False
         if row.next_run_at is not None and row.next_run_at > now:
             if row.lease_owner is None:
-                self.dispatcher.enqueue(row.id, tick, (row.next_run_at - now).total_seconds())
+                self._publish(row.id, tick, (row.next_run_at - now).total_seconds())
             return False
         return True
 
@@ -296,29 +383,36 @@ class AgentService:
             case Execute():
                 step = run.step(action.step_id)
                 began = begin_step(run, action)
-                # The lease covers the whole tool call; a crash is noticed when it lapses.
-                lease = self._step_timeout(run, step, now) + self.lease_grace
+                # The lease covers the whole tool call (and the time a thread-run tool
+                # gets to end past its timeout); a crash is noticed when it lapses.
+                lease = self._step_timeout(run, step, now) + THREAD_STOP_GRACE + self.lease_grace
+                lease_until = now + timedelta(seconds=lease)
                 if not self._save(
                     self.store,
                     run,
                     began,
                     guard=claim,
                     now=now,
-                    lease_until=now + timedelta(seconds=lease),
+                    lease_until=lease_until,
                     # Only a step that must not run twice needs `running` on disk first.
                     durable=not self._idempotent(step),
                 ):
                     return None
-                return SlowWork(apply_transition(run, began), args=self._resolve_args(run, step))
+                return SlowWork(
+                    apply_transition(run, began),
+                    lease_until=lease_until,
+                    args=self._resolve_args(run, step),
+                )
             case Plan():
                 lease = self.llm_timeout * (run.config.max_plan_repairs + 1) + self.lease_grace
+                lease_until = now + timedelta(seconds=lease)
                 if not self._save(
                     self.store,
                     run,
                     Transition(),
                     guard=claim,
                     now=now,
-                    lease_until=now + timedelta(seconds=lease),
+                    lease_until=lease_until,
                     durable=False,  # if lost, the planner is simply asked again
                 ):
                     return None
@@ -328,44 +422,124 @@ class AgentService:
                     plan = tx.plan_steps(run.id, run.plan_version)
                     run = run.model_copy(update={"steps": plan})
                     request = self._plan_request(tx, row, run, action)
-                return SlowWork(run, request=request)
+                return SlowWork(run, lease_until=lease_until, request=request)
 
     def _finish(
-        self, run: RunSnapshot, action: Execute | Plan, outcome: StepOutcome | PlanOutcome
+        self, work: SlowWork, action: Execute | Plan, outcome: StepOutcome | PlanOutcome
     ) -> None:
-        now = self.clock()
+        run = work.run
         jitter = self.jitter()
         if isinstance(action, Execute) and isinstance(outcome, StepSucceeded | StepFailed):
-            transition = fold_step(run, run.step(action.step_id), outcome, jitter_sample=jitter)
+            step = run.step(action.step_id)
+            transition = fold_step(
+                run,
+                step,
+                outcome,
+                policy=self.tools.policies().get(step.tool),
+                jitter_sample=jitter,
+            )
         elif isinstance(action, Plan) and not isinstance(outcome, StepSucceeded | StepFailed):
             transition = fold_plan(run, action, outcome, jitter_sample=jitter)
         else:
             raise TypeError(f"outcome {type(outcome).__name__} does not answer {action.type}")
-        saved = self._save(
-            self.store, run, transition, guard=Guard(owner=self.worker_id, tick=run.tick), now=now
-        )
-        if not saved:
-            with self.store.transaction() as tx:
-                tx.insert_events(
-                    run.id,
-                    run.iteration,
-                    [
-                        _error_event(
-                            f"result of iteration {run.iteration} discarded: the run was "
-                            "cancelled or its lease expired while the work ran"
-                        )
-                    ],
-                    now,
-                )
-        if saved:
+        if self._save_outcome(run, transition, lease_until=work.lease_until):
             self._after_commit(run.id, run.tick, transition)
+            return
+        now = self.clock()
+        discarded = _error_event(
+            f"result of iteration {run.iteration} discarded: the run was "
+            "cancelled or its lease expired while the work ran"
+        )
+        # What the planner spent is spent, saved or not: budgets must never undercount.
+        usage = Transition(
+            tokens_delta=transition.tokens_delta,
+            cost_delta=transition.cost_delta,
+            events=[e for e in transition.events if e.kind is EventKind.LLM_CALL],
+        )
+        with self.store.transaction() as tx:
+            tx.record_spending(run.id, run.iteration, usage, [discarded], now)
+
+    def _save_outcome(
+        self, run: RunSnapshot, transition: Transition, *, lease_until: datetime
+    ) -> bool:
+        """Save an iteration's outcome under this worker's lease; False when the lease
+        was lost (the run was cancelled, or another worker recovered it).
+
+        The outcome exists only in this process: a database that is away for a few
+        seconds is waited for, with backoff, for as long as the lease holds, so a
+        restart never turns a finished step into "outcome unknown". (This is the one
+        sleep in a worker: there is nothing to re-enqueue, the outcome would be lost.)
+        """
+        guard = Guard(owner=self.worker_id, tick=run.tick)
+        wait = SAVE_RETRY_FIRST_WAIT
+        attempt = 1
+        while True:
+            try:
+                return self._save(self.store, run, transition, guard=guard, now=self.clock())
+            except DBAPIError as exc:
+                if not database_away(exc):
+                    raise
+                if self.clock() + timedelta(seconds=wait) >= lease_until:
+                    raise
+                log.warning(
+                    "saving iteration %d of run %s failed (attempt %d: %s); retrying in %.1f s",
+                    run.iteration, run.id, attempt, exc.orig, wait,
+                )  # fmt: skip
+                self.sleep(wait)
+                wait = min(wait * 2, SAVE_RETRY_MAX_WAIT)
+                attempt += 1
+                if self._saved_meanwhile(run):
+                    return True
+
+    def _saved_meanwhile(self, run: RunSnapshot) -> bool:
+        """Whether a save that failed in flight (the connection dropped during its
+        COMMIT) landed after all: the lease is released and the tick unchanged, which
+        only this worker's own save does (every other writer bumps the tick)."""
+        try:
+            stored = self.store.read_for_claim(run.id)
+        except DBAPIError as exc:
+            if database_away(exc):
+                return False
+            raise
+        return stored is not None and stored.row.tick == run.tick and stored.row.lease_owner is None
+
+    def _fail_internal(self, run: RunSnapshot, guard: Guard, error: BaseException) -> None:
+        """Record an unexpected error and fail the run, so no run is left silently stuck
+        — under `guard`: before the claim, only if the run is still as it was read;
+        after it, only while this worker holds the lease. A run that another worker
+        now advances is left alone (its outcome is that worker's to save)."""
+        log.exception("iteration %d of run %s failed unexpectedly", run.iteration, run.id)
+        reason = sanitize.scrub_text(f"internal error: {type(error).__name__}: {error}")[:2000]
+        failed = fail(reason).model_copy(
+            update={"events": [_error_event(reason), *fail(reason).events]}
+        )
+        try:
+            saved = self._save(self.store, run, failed, guard=guard, now=self.clock())
+        except Exception:
+            log.exception("could not record the failure of run %s", run.id)
+            return
+        if saved:
+            self._after_commit(run.id, run.tick, failed)
+        else:
+            log.warning("run %s changed hands meanwhile: its failure is not recorded", run.id)
 
     def _after_commit(self, run_id: str, tick: int, transition: Transition) -> None:
-        """Publish what a committed transition asks for: the next iteration, a notice."""
+        """Publish what a committed transition asks for: the next iteration, a notice.
+        Never raises: the commit stands, and a run whose message is lost is found by
+        the sweep."""
         if transition.delay is not None:
-            self.dispatcher.enqueue(run_id, tick, transition.delay)
+            self._publish(run_id, tick, transition.delay)
         if notice := notice_for(transition):
-            self.notifier.notify(notice, run_id)
+            try:
+                self.notifier.notify(notice, run_id)
+            except Exception:
+                log.exception("could not hand over the %s notice for run %s", notice, run_id)
+
+    def _publish(self, run_id: str, tick: int, delay: float) -> None:
+        try:
+            self.dispatcher.enqueue(run_id, tick, delay)
+        except Exception:
+            log.exception("could not publish the next iteration of run %s; the sweep will", run_id)
 
     def _save(
         self,
@@ -378,6 +552,7 @@ class AgentService:
         lease_until: datetime | None = None,
         durable: bool = True,
     ) -> bool:
+        transition = sanitize.scrub_transition(transition)
         secrets = secret_values(
             {**run.context, **transition.context_updates}, [*run.steps, *transition.new_steps]
         )
@@ -450,14 +625,18 @@ class AgentService:
             planner = self.planners(planner_kind)
         except ValueError as exc:
             return PlannerFatal(error=str(exc))
-        outcome = planner.plan(request, check=self.check_plan)
+
+        def check(steps: list[PlannedStep]) -> list[str]:
+            return self.check_plan(steps, rejected=request.rejected)
+
+        outcome = planner.plan(request, check=check)
         if isinstance(outcome, PlanProduced) and (
             problems := check_refs(
                 outcome.steps,
                 completed_positions(request),
                 first_position=next_position(request),
             )
-            + self.check_plan(outcome.steps)
+            + check(outcome.steps)
         ):
             # Never trust a planner to have validated its own output.
             return PlanInvalid(
@@ -467,21 +646,28 @@ class AgentService:
             )
         return outcome
 
-    def check_plan(self, steps: list[PlannedStep]) -> list[str]:
-        """Problems with proposed steps: unknown tools, arguments that fail validation.
+    def check_plan(
+        self, steps: list[PlannedStep], *, rejected: Sequence[StepView] = ()
+    ) -> list[str]:
+        """Problems with proposed steps: unknown tools, arguments that fail validation,
+        and calls a person already rejected in this run (same tool, same args).
 
-        Args that refer to earlier results are validated when the step runs, once
-        the references are filled in; here only their tool must exist.
+        Args that refer to earlier results are validated except where the references
+        are: those parts are validated when the step runs, once filled in.
         """
+        refused = {(r.tool, args_hash(r.args)): r for r in rejected}
         problems: list[str] = []
         for position, step in enumerate(steps, 1):
-            args = {} if find_refs(step.args) else step.args
-            found = self.tools.check_args(step.tool, args) if args else self._unknown(step.tool)
+            unresolved = [ref.where for ref in find_refs(step.args)]
+            found = self.tools.check_args(step.tool, step.args, unresolved=unresolved)
+            if earlier := refused.get((step.tool, args_hash(step.args))):
+                found.append(
+                    f"{step.tool} {json.dumps(step.args, sort_keys=True)[:300]} repeats the "
+                    f"call of step {earlier.position}, which was {earlier.error}; propose "
+                    "something else, or leave it out"
+                )
             problems += [f"step {position}: {p}" for p in found]
         return problems
-
-    def _unknown(self, tool: str) -> list[str]:
-        return [] if tool in self.tools else self.tools.check_args(tool, {})
 
     def _plan_request(self, tx: Tx, row: Row[Any], run: RunSnapshot, action: Plan) -> PlanRequest:
         """What the planner is told; bounded whatever the run's length."""
@@ -503,6 +689,8 @@ class AgentService:
             memory_summary=summary,
             context_keys=sorted(run.context),
             secrets=secret_values(run.context, run.steps),
+            rejected=[StepView.of(s) for s in tx.rejected_steps(run.id, limit=REJECTED_STEPS)],
+            **_budget_left(run),
         )
 
     def _tool_specs(self) -> list[ToolSpec]:
@@ -592,9 +780,14 @@ class AgentService:
         """Record a person's decision on a paused run, exactly once, and resume it.
 
         `channel` (web, email, api, cli) is kept in the audit event with who decided."""
+        check_text(comment, "the comment")
+        if edited_args is not None:
+            check_json(dict(edited_args), "args")
+        if approval_id is not None and sanitize.text_problem(approval_id):
+            raise NotFound(f"no approval with id {approval_id!r}")
         now = self.clock()
         with self.store.transaction() as tx:
-            row = tx.get_run(run_id)
+            row = tx.lock_run(self._known_id(run_id))  # the run row first: one lock order
             pending = tx.get_approval(approval_id) if approval_id else tx.pending_approval(run_id)
             if pending is None or pending.run_id != run_id or pending.status != "pending":
                 raise Conflict(self._why_not_pending(row, pending))
@@ -622,8 +815,9 @@ class AgentService:
                 kind,
                 decision,
                 by=by,
+                context=row.context or {},
                 reason=comment,
-                edited_args=dict(edited_args) if edited_args else None,
+                edited_args=dict(edited_args) if edited_args is not None else None,
             )
             if channel:
                 transition = _via(transition, channel)
@@ -634,6 +828,14 @@ class AgentService:
             if tick is None:
                 raise Conflict(f"run {run_id} is no longer paused")
         self._after_commit(run_id, tick, transition)
+
+    @staticmethod
+    def _known_id(run_id: str) -> str:
+        """`run_id`, or NotFound for one no run can have (it would not even reach the
+        database: a NUL, say)."""
+        if sanitize.text_problem(run_id) or len(run_id) > MAX_RUN_ID_CHARS:
+            raise NotFound(f"no run with id {run_id!r}")
+        return run_id
 
     @staticmethod
     def _why_not_pending(row: Row[Any], approval: Row[Any] | None) -> str:
@@ -650,7 +852,7 @@ class AgentService:
         """Cancel a queued, running or paused run. Raises NotFound, Conflict."""
         now = self.clock()
         with self.store.transaction() as tx:
-            row = tx.get_run(run_id)
+            row = tx.lock_run(self._known_id(run_id))  # the run row first: one lock order
             active = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.PAUSED)
             if (
                 tx.set_status(
@@ -672,7 +874,7 @@ class AgentService:
         """The run, all its steps and its events after `after_event`. Raises NotFound."""
         with self.store.transaction() as tx:
             return RunView(
-                run=tx.get_run(run_id),
+                run=tx.get_run(self._known_id(run_id)),
                 steps=tx.all_steps(run_id),
                 events=tx.events_after(run_id, after_event, limit=10_000),
                 pending_approval=tx.pending_approval(run_id),
@@ -681,33 +883,23 @@ class AgentService:
     # --- healing --------------------------------------------------------------------
 
     def sweep(self) -> int:
-        """Re-enqueue active runs whose message was lost; returns how many."""
-        now = self.clock()
-        with self.store.transaction() as tx:
-            due = tx.due_runs(before=now - timedelta(seconds=self.sweep_grace), now=now)
-        for row in due:
-            self.dispatcher.enqueue(row.id, row.tick, 0)
-        if due:
-            log.info("sweep re-enqueued %d run(s)", len(due))
-        return len(due)
+        """Nudge active runs whose message was lost; returns how many were nudged.
 
-    def fail_on_internal_error(self, run_id: str, error: BaseException) -> None:
-        """Record an unexpected error and fail the run, so no run is left silently stuck."""
+        Each nudge is claimed in the database first, so a run has at most one nudge
+        outstanding (until a claim consumes it, or `nudge_timeout` says it was lost
+        too), however often the sweep runs and however far behind the queue is."""
         now = self.clock()
-        reason = f"internal error: {type(error).__name__}: {error}"
         with self.store.transaction() as tx:
-            row = tx.get_run(run_id)
-            failed = tx.set_status(
-                run_id,
-                RunStatus.FAILED,
-                error=reason,
+            due = tx.claim_nudges(
+                before=now - timedelta(seconds=self.sweep_grace),
+                renudge_before=now - timedelta(seconds=self.nudge_timeout),
                 now=now,
-                only_from=(RunStatus.QUEUED, RunStatus.RUNNING),
             )
-            if failed is not None:
-                tx.insert_events(run_id, row.iteration, [_error_event(reason)], now)
-        if failed is not None:
-            self.notifier.notify(Notice.FAILED, run_id)
+        for row in due:
+            self._publish(row.id, row.tick, 0)
+        if due:
+            log.info("sweep nudged %d run(s)", len(due))
+        return len(due)
 
     # --- the people around a run: web app, notifications -----------------------------
 
@@ -721,6 +913,8 @@ class AgentService:
 
     def approval(self, approval_id: str) -> ApprovalView:
         """An approval with its run, its step and the plan around it. Raises NotFound."""
+        if sanitize.text_problem(approval_id):
+            raise NotFound(f"no approval with id {approval_id!r}")
         with self.store.transaction() as tx:
             row = tx.get_approval(approval_id)
             if row is None:
@@ -761,6 +955,10 @@ class AgentService:
         now = self.clock()
         reason = f"nobody decided within {ttl:g} s, so the approval expired"
         with self.store.transaction() as tx:
+            seen = tx.get_approval(approval_id)
+            if seen is None:
+                return False
+            row = tx.lock_run(seen.run_id)  # the run row first: one lock order
             approval = tx.expire_approval(approval_id, now=now)
             if approval is None:
                 return False  # decided, or expired by another beat, in the meantime
@@ -769,9 +967,14 @@ class AgentService:
                 transition = fail(f"step {step.position} ({step.tool}): {reason}")
             else:
                 transition = fold_decision(
-                    step, PauseKind.APPROVAL, Decision.REJECT, by="agentloop", reason=reason
+                    step,
+                    PauseKind.APPROVAL,
+                    Decision.REJECT,
+                    by="agentloop",
+                    context=row.context or {},
+                    reason=reason,
                 )
-            run = snapshot_from_row(tx.get_run(approval.run_id), [step])
+            run = snapshot_from_row(row, [step])
             tick = tx.apply(
                 run,
                 transition,
@@ -783,6 +986,42 @@ class AgentService:
             return False  # the run was no longer paused (cancelled): nothing to resume
         self._after_commit(approval.run_id, tick, transition)
         return True
+
+
+def _budget_left(run: RunSnapshot) -> dict[str, Any]:
+    """What a run's budgets have left, as PlanRequest's tokens_left and usd_left."""
+    cfg = run.config
+    return {
+        "tokens_left": None
+        if cfg.budget_tokens is None
+        else max(0, cfg.budget_tokens - run.tokens_total),
+        "usd_left": None if cfg.budget_usd is None else max(0.0, cfg.budget_usd - run.cost_usd),
+    }
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` from a person, or InvalidInput saying what it holds that cannot be kept."""
+    if problem := sanitize.text_problem(text):
+        raise InvalidInput(f"{what} {problem}")
+    return text
+
+
+def check_json(value: Any, what: str) -> None:
+    """InvalidInput naming every part of `value` (from a person) that cannot be kept."""
+    if found := sanitize.problems(value, what=what):
+        raise InvalidInput("; ".join(found[:5]))
+
+
+def _scoped_key(key: str | None, created_by: str | None) -> str | None:
+    """An idempotency key is the creator's own: two people may use the same one."""
+    if key is None:
+        return None
+    key = check_text(key.strip(), "the idempotency key")
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidInput(
+            f"the idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"
+        )
+    return f"{created_by or ''}\x1f{key}"
 
 
 def _status_event(message: str) -> NewEvent:

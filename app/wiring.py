@@ -7,7 +7,7 @@ from pathlib import Path
 from app.config import Settings
 from app.planner.factory import PlannerFactory, default_planner_kind
 from app.service import AgentService, Dispatcher, Notifier
-from app.store.repo import Store, make_engine
+from app.store.repo import DatabaseClock, Store, make_engine
 from app.tools.registry import load_registry
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -20,8 +20,9 @@ def build_service(settings: Settings, dispatcher: Dispatcher, notifier: Notifier
     """
     outbox = (settings.data_dir / "outbox").resolve()
     outbox.mkdir(parents=True, exist_ok=True)
+    store = Store(make_engine(settings.resolved_database_url))
     return AgentService(
-        store=Store(make_engine(settings.resolved_database_url)),
+        store=store,
         tools=load_registry(settings.all_tool_modules),
         dispatcher=dispatcher,
         notifier=notifier,
@@ -37,4 +38,6 @@ def build_service(settings: Settings, dispatcher: Dispatcher, notifier: Notifier
         lease_grace=settings.lease_grace,
         llm_timeout=settings.llm_timeout,
         sweep_grace=settings.sweep_grace,
+        nudge_timeout=settings.nudge_timeout,
+        clock=DatabaseClock(store),
     )

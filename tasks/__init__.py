@@ -59,14 +59,9 @@ def service() -> AgentService:
     max_retries=10,
 )
 def advance(run_id: str, tick: int) -> None:
-    try:
-        service().advance(run_id, tick)
-    except OperationalError:
-        raise  # the database is away: Celery retries this message with backoff
-    except Exception as exc:
-        log.exception("iteration of run %s failed unexpectedly", run_id)
-        service().fail_on_internal_error(run_id, exc)
-        raise
+    """One iteration. If the database is away before the claim, Celery delivers this
+    message again with backoff; the service records any other failure itself."""
+    service().advance(run_id, tick)
 
 
 @celery_app.task(name="agentloop.sweep", acks_late=True)

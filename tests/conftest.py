@@ -39,4 +39,9 @@ os.environ.update(
 for _name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "SLACK_WEBHOOK_URL"):
     os.environ.pop(_name, None)
 
-pytest_plugins = ["tests.support.fixtures", "tests.support.web", "tests.fake_anthropic"]
+pytest_plugins = [
+    "tests.support.fixtures",
+    "tests.support.private_services",
+    "tests.support.web",
+    "tests.fake_anthropic",
+]

@@ -235,7 +235,9 @@ def test_claude_drives_the_deploy_scenario_through_a_real_worker(
 
     assert view.run.status == RunStatus.COMPLETED, f"{view.run.error}\n{timeline(view)}"
     assert view.run.planner == "anthropic"
-    assert approvals == 1  # the retried, identical deploy kept the approval it was given
+    # Asked again for the retry: set_env changed the environment the deploy reads, so
+    # the first approval was for another call (same args, other context).
+    assert approvals == 2
     assert any("approval carried over" in e.message for e in events(view, "approval"))
     text = timeline(view)
     assert "missing env var STAGING_DATABASE_URL" in text

@@ -51,7 +51,7 @@ def test_the_deploy_scenario_heals_itself_and_completes(start_worker, live_servi
         live_service.approve(run_id, by="e2e")
         approvals += 1
     assert view.run.status == RunStatus.COMPLETED, view.run.error
-    assert approvals == 1  # the retried deploy keeps the approval it was given
+    assert approvals == 2  # set_env changed what the deploy reads: asked again
     messages = [(e.kind, e.message) for e in view.events]
     text = "\n".join(m for _, m in messages)
     assert "missing env var STAGING_DATABASE_URL" in text

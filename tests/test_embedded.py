@@ -65,11 +65,12 @@ def run_demo(tmp_path: Path, answers: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_demo_command_completes_on_embedded_defaults(tmp_path: Path):
-    demo = run_demo(tmp_path, "y\n")
+    demo = run_demo(tmp_path, "y\ny\n")
     out = demo.stdout
     assert demo.returncode == 0, out + demo.stderr
     assert "database : sqlite:///" in out and "broker   : filesystem://" in out
-    assert "Approve deploy to staging? [y/N]" in out
+    # Asked again after set_env: the approval was for the deploy without that env var.
+    assert out.count("Approve deploy to staging? [y/N]") == 2
     assert "missing env var STAGING_DATABASE_URL" in out and "plan v2 (replan)" in out
     assert "RETRY" in out and "run completed" in out
     assert (tmp_path / ".agentloop" / "agentloop.db").exists()

@@ -121,7 +121,9 @@ def test_a_claim_over_a_lapsed_lease_gives_way_when_the_holder_saves_meanwhile(
     claim = Guard.claim("first", stored.row)
     assert store.apply(run, began, guard=claim, now=now, next_run_at=None, lease_until=lease)
     run = apply_transition(run, began)
-    done = fold_step(run, run.steps[0], StepSucceeded(result={"ok": True}), jitter_sample=0.0)
+    done = fold_step(
+        run, run.steps[0], StepSucceeded(result={"ok": True}), policy=None, jitter_sample=0.0
+    )
     second.clock.advance(60)  # the lease has lapsed when the second worker gets a message
     with store.transaction() as tx:
         holder = Guard(owner="first", tick=run.tick)

@@ -13,7 +13,7 @@ from app.store.accounts import Accounts
 
 def approvers_of(run: Row[Any], settings: Settings) -> tuple[str, ...]:
     """The run's approvers (user names or emails); the settings' default when it names none."""
-    config = RunConfig.model_validate(run.config)
+    config = RunConfig.from_stored(run.config)
     return config.approvers or settings.default_approvers
 
 

@@ -80,6 +80,12 @@ class PlanRequest(BaseModel):
     memory_summary: str = ""
     context_keys: list[str] = Field(default_factory=list)
     secrets: list[str] = Field(default_factory=list, exclude=True, repr=False)
+    # What the run's budgets have left (None: no such budget); a planner never asks
+    # for more output than these pay for.
+    tokens_left: int | None = None
+    usd_left: float | None = None
+    # Calls a person rejected in this run: a plan must not propose them again.
+    rejected: list[StepView] = Field(default_factory=list)
 
 
 PlanCheck = Callable[[list[PlannedStep]], list[str]]

@@ -180,6 +180,8 @@ SAVE_RUN = (
         # NULL when the lease is released, else the (possibly extended) expiry.
         lease_expires_at=bindparam("p_lease_until", type_=UTCDateTime()),
         tick=runs.c.tick + bindparam("p_tick_delta", type_=Integer()),
+        # A claim consumes the sweep's nudge: the run may be nudged again when overdue.
+        nudged_at=case((_CLAIM, null()), else_=runs.c.nudged_at),
     )
     .returning(runs.c.tick)
 )

@@ -13,10 +13,12 @@ Concurrency rests on three conditional UPDATEs, portable to SQLite:
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from secrets import token_hex
 from typing import Any
 
@@ -35,7 +37,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from app.engine.actions import HumanRequest, NewEvent, StepUpdate, Transition
 from app.engine.models import (
@@ -50,6 +52,8 @@ from app.engine.models import (
 from app.store import hot
 from app.store.schema import approvals, events, runs, steps
 
+log = logging.getLogger(__name__)
+
 
 class StoreUnavailable(Exception):
     """The database cannot be reached; the message names the URL and what to do."""
@@ -57,6 +61,12 @@ class StoreUnavailable(Exception):
 
 class NotFound(LookupError):
     pass
+
+
+def database_away(exc: DBAPIError) -> bool:
+    """Whether `exc` means the database could not be reached or dropped the
+    connection (worth waiting for), rather than refusing a statement."""
+    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
 
 
 def make_engine(url: str) -> Engine:
@@ -70,9 +80,12 @@ def make_engine(url: str) -> Engine:
 
 
 def _postgresql_engine(url: str | URL, **options: Any) -> Engine:
-    # No pre-ping: it would add a round trip to every iteration; a dropped connection
-    # raises OperationalError, which the Celery task retries with backoff.
-    return create_engine(url, pool_size=5, max_overflow=5, pool_recycle=3600, **options)
+    # Pre-ping: a pooled connection that a database restart closed is replaced before
+    # use, instead of failing the first statement after the restart. It costs one
+    # loopback round trip per checkout.
+    return create_engine(
+        url, pool_size=5, max_overflow=5, pool_recycle=3600, pool_pre_ping=True, **options
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -81,6 +94,40 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+class DatabaseClock:
+    """The database server's time, for every decision about ownership (leases, due
+    times, nudges): workers whose own clocks disagree still agree on who holds a run.
+
+    Read from the server once per `resync` seconds and carried forward in between
+    with this process's monotonic clock (which no clock step or skew moves), so it
+    costs no round trip per call. If a resync fails, the last reading carries on.
+    """
+
+    def __init__(self, store: Store, *, resync: float = 60.0) -> None:
+        self._store = store
+        self._resync = resync
+        self._base: datetime | None = None
+        self._at = 0.0  # monotonic time of the reading
+
+    def __call__(self) -> datetime:
+        if self._base is None or time.monotonic() - self._at > self._resync:
+            self._read()
+        assert self._base is not None
+        return self._base + timedelta(seconds=time.monotonic() - self._at)
+
+    def _read(self) -> None:
+        before = time.monotonic()
+        try:
+            server = self._store.database_now()
+        except SQLAlchemyError:
+            if self._base is None:
+                raise
+            log.warning("cannot read the database's clock; carrying the last reading on")
+            return
+        after = time.monotonic()
+        self._base, self._at = server, (before + after) / 2
 
 
 @dataclass(frozen=True)
@@ -149,6 +196,15 @@ class Store:
                 "DATABASE_URL, or run `agentloop db upgrade` to create the schema."
             ) from None
 
+    def database_now(self) -> datetime:
+        """The database server's clock (SQLite: this machine's, it is the same one)."""
+        if self.engine.dialect.name != "postgresql":
+            return datetime.now(UTC)
+        with self._autocommit() as tx:
+            value = tx.conn.execute(select(func.clock_timestamp())).scalar_one()
+        moment: datetime = value
+        return moment.astimezone(UTC)
+
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
         with self.engine.begin() as conn:
@@ -214,9 +270,13 @@ class Tx:
         deadline: datetime,
         now: datetime,
         created_by: str | None,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
     ) -> None:
         self.conn.execute(
             insert(runs).values(
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
                 id=run_id,
                 task=task,
                 status=RunStatus.QUEUED,
@@ -266,6 +326,18 @@ class Tx:
             done.add(statement.name)
         return self.conn.execute(statement.run, {**statement.constants, **params})
 
+    def lock_run(self, run_id: str) -> Row[Any]:
+        """The run, locked until the transaction ends. Every transaction that writes
+        to a run and its approvals or steps locks the run row first: one lock order,
+        no deadlocks. (SQLite has one writer at a time; FOR UPDATE is left out there.)"""
+        row = self.conn.execute(select(runs).where(runs.c.id == run_id).with_for_update()).first()
+        if row is None:
+            raise NotFound(f"no run with id {run_id!r}")
+        return row
+
+    def run_by_idempotency_key(self, key: str) -> Row[Any] | None:
+        return self.conn.execute(select(runs).where(runs.c.idempotency_key == key)).first()
+
     def get_run(self, run_id: str) -> Row[Any]:
         row = self.conn.execute(select(runs).where(runs.c.id == run_id)).first()
         if row is None:
@@ -286,19 +358,32 @@ class Tx:
             query = query.where(runs.c.status == status)
         return int(self.conn.execute(query).scalar_one())
 
-    def due_runs(self, *, before: datetime, now: datetime, limit: int = 500) -> list[Row[Any]]:
-        """Active, unleased runs that should have been advanced before `before`:
-        their message was lost (broker restart, crash between commit and publish)."""
+    def claim_nudges(
+        self, *, before: datetime, renudge_before: datetime, now: datetime, limit: int = 500
+    ) -> list[Row[Any]]:
+        """Claim a nudge for each active, unleased run that should have been advanced
+        before `before` (its message was lost: a broker restart, a crash between commit
+        and publish) and has no nudge outstanding: none since its last claim, or one
+        sent before `renudge_before` (that nudge was lost too). Returns (id, tick) of
+        each; two sweeps never claim the same run."""
+        overdue = (
+            select(runs.c.id)
+            .where(
+                runs.c.status.in_(ACTIVE_STATUSES),
+                or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now),
+                or_(runs.c.next_run_at.is_(None), runs.c.next_run_at < before),
+                or_(runs.c.nudged_at.is_(None), runs.c.nudged_at < renudge_before),
+            )
+            .order_by(runs.c.next_run_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
         return list(
             self.conn.execute(
-                select(runs.c.id, runs.c.tick)
-                .where(
-                    runs.c.status.in_(ACTIVE_STATUSES),
-                    or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now),
-                    or_(runs.c.next_run_at.is_(None), runs.c.next_run_at < before),
-                )
-                .order_by(runs.c.next_run_at)
-                .limit(limit)
+                update(runs)
+                .where(runs.c.id.in_(overdue))
+                .values(nudged_at=now)
+                .returning(runs.c.id, runs.c.tick)
             )
         )
 
@@ -429,6 +514,28 @@ class Tx:
         ).scalar_one_or_none()
         return None if tick is None else int(tick)
 
+    def record_spending(
+        self,
+        run_id: str,
+        iteration: int,
+        spent: Transition,
+        notes: Sequence[NewEvent],
+        now: datetime,
+    ) -> None:
+        """Add what a discarded iteration spent (tokens, cost) and its notes to the run,
+        whoever advances it now. Deliberately unguarded: an increment commutes with
+        every other write, and a budget must never undercount."""
+        if spent.tokens_delta or spent.cost_delta:
+            self.conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(
+                    tokens_total=runs.c.tokens_total + spent.tokens_delta,
+                    cost_usd=runs.c.cost_usd + spent.cost_delta,
+                )
+            )
+        self.insert_events(run_id, iteration, [*spent.events, *notes], now)
+
     def save_memory_summary(self, run_id: str, summary: str, through: int) -> None:
         self.conn.execute(
             update(runs)
@@ -454,9 +561,16 @@ class Tx:
 
     def completed_steps(self, run_id: str, *, limit: int) -> list[Step]:
         """The latest `limit` completed steps, oldest first."""
+        return self._latest_steps(run_id, StepStatus.COMPLETED, limit)
+
+    def rejected_steps(self, run_id: str, *, limit: int) -> list[Step]:
+        """The latest `limit` steps a person rejected, oldest first."""
+        return self._latest_steps(run_id, StepStatus.REJECTED, limit)
+
+    def _latest_steps(self, run_id: str, status: StepStatus, limit: int) -> list[Step]:
         rows = self.conn.execute(
             select(*hot.STEP_COLUMNS)
-            .where(steps.c.run_id == run_id, steps.c.status == StepStatus.COMPLETED)
+            .where(steps.c.run_id == run_id, steps.c.status == status)
             .order_by(steps.c.position.desc())
             .limit(limit)
         )
@@ -685,7 +799,7 @@ def snapshot_from_row(row: Row[Any], plan: list[Step], *, claimed: bool = False)
         id=row.id,
         task=row.task,
         status=RunStatus.RUNNING if claimed else RunStatus(row.status),
-        config=RunConfig.model_validate(row.config),
+        config=RunConfig.from_stored(row.config),
         iteration=row.iteration + bump,
         tick=row.tick + bump,
         plan_version=row.plan_version,

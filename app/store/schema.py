@@ -84,8 +84,15 @@ runs = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     Column("started_at", UTCDateTime),
     Column("finished_at", UTCDateTime),
+    # When the sweep last published a nudge; a claim clears it (migration 0003).
+    Column("nudged_at", UTCDateTime),
+    # The creator's key for a create request, scoped by creator, and a hash of the
+    # request it came with: a retried create returns the run it made (migration 0003).
+    Column("idempotency_key", String(300)),
+    Column("request_hash", String(64)),
     Index("ix_runs_status_next_run_at", "status", "next_run_at"),
     Index("ix_runs_created_at", "created_at"),
+    Index("ux_runs_idempotency_key", "idempotency_key", unique=True),
 )
 
 steps = Table(

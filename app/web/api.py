@@ -82,7 +82,11 @@ def create() -> ResponseReturnValue:
     if not isinstance(config, dict):
         raise ApiError(400, "config must be a JSON object")
     run_id = deps.service().create_run(
-        _text(body, "task", required=True), config=config, created_by=_user().name
+        _text(body, "task", required=True),
+        config=config,
+        created_by=_user().name,
+        # A client that retries after a lost answer gets the run it created.
+        idempotency_key=request.headers.get("Idempotency-Key"),
     )
     return _created(run_id)
 

@@ -191,6 +191,16 @@ def openapi_document(server: str) -> dict[str, Any]:
                 },
                 "post": {
                     "summary": "Create a run",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "description": "Retrying with the same key returns the run the "
+                            "first request created (409 if the request differs).",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                        }
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("NewRun")}},
