@@ -116,6 +116,10 @@ class Dispatcher(Protocol):
 
     def enqueue(self, run_id: str, tick: int, delay: float) -> None: ...
 
+    def queue_depth(self) -> int | None:
+        """How many messages wait in the queue now; None if the broker cannot say."""
+        ...
+
 
 class Notice(StrEnum):
     """What people are told about (by email, Slack), after the commit that caused it."""
@@ -886,15 +890,21 @@ class AgentService:
         """Nudge active runs whose message was lost; returns how many were nudged.
 
         Each nudge is claimed in the database first, so a run has at most one nudge
-        outstanding (until a claim consumes it, or `nudge_timeout` says it was lost
-        too), however often the sweep runs and however far behind the queue is."""
+        outstanding until a claim consumes it, however often the sweep runs and
+        however far behind the queue is. An outstanding nudge is taken for lost
+        after `nudge_timeout` — or at once when the queue holds fewer messages than
+        there are outstanding nudges (the broker lost them: a restart, a flush)."""
         now = self.clock()
+        overdue = now - timedelta(seconds=self.sweep_grace)
+        renudge_before = now - timedelta(seconds=self.nudge_timeout)
         with self.store.transaction() as tx:
-            due = tx.claim_nudges(
-                before=now - timedelta(seconds=self.sweep_grace),
-                renudge_before=now - timedelta(seconds=self.nudge_timeout),
-                now=now,
-            )
+            outstanding = tx.count_nudged(before=overdue, now=now)
+        depth = self.dispatcher.queue_depth() if outstanding else None
+        if depth is not None and depth < outstanding:
+            log.info("%d nudge(s) outstanding, %d message(s) queued", outstanding, depth)
+            renudge_before = overdue
+        with self.store.transaction() as tx:
+            due = tx.claim_nudges(before=overdue, renudge_before=renudge_before, now=now)
         for row in due:
             self._publish(row.id, row.tick, 0)
         if due:

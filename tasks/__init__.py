@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from functools import cache
 
+from amqp.exceptions import ChannelError
 from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
 
@@ -30,6 +31,23 @@ class CeleryDispatcher:
     def enqueue(self, run_id: str, tick: int, delay: float) -> None:
         countdown = min(delay, self.max_countdown) if delay > 0 else None
         advance.apply_async(args=(run_id, tick), countdown=countdown)
+
+    def queue_depth(self) -> int | None:
+        return queue_depth(celery_app, celery_app.conf.task_default_queue)
+
+
+def queue_depth(app: Celery, queue: str) -> int | None:
+    """Messages waiting in `queue` (not those a worker holds); None if the broker
+    cannot say."""
+    try:
+        with app.connection_for_write() as conn:
+            declared = conn.default_channel.queue_declare(queue=queue, passive=True)
+    except ChannelError:
+        return 0  # the broker has no such queue: nothing waits in it
+    except Exception:
+        log.warning("cannot read the length of queue %s", queue, exc_info=True)
+        return None
+    return int(declared.message_count)
 
 
 class CeleryNotifier:

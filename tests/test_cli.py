@@ -65,3 +65,20 @@ def test_run_status_and_cancel(cli, live_service):
     assert live_service.status(run_id).run.status == RunStatus.CANCELLED
     again = cli.invoke(main, ["approve", run_id])
     assert again.exit_code == 2 and "cancelled, not waiting for a decision" in again.output
+
+
+def test_the_config_names_the_planner_unless_an_option_does(cli, live_service):
+    """`--config '{"planner": ...}'` was overridden by --planner's default."""
+    asked = cli.invoke(main, ["run", "noop chain", "--config", '{"planner": "anthropic"}'])
+    assert asked.exit_code == 2 and "needs ANTHROPIC_API_KEY" in asked.output
+    forced = cli.invoke(
+        main, ["run", "noop chain", "--config", '{"planner": "anthropic"}', "--planner", "offline"]
+    )
+    assert forced.exit_code == 0 and "(planner: offline)" in forced.output
+
+
+def test_a_run_command_repeated_with_its_idempotency_key_makes_one_run(cli, live_service):
+    first = cli.invoke(main, ["run", "noop chain", "--idempotency-key", "nightly-1"])
+    again = cli.invoke(main, ["run", "noop chain", "--idempotency-key", "nightly-1"])
+    assert first.exit_code == again.exit_code == 0, first.output + again.output
+    assert first.output.split()[1] == again.output.split()[1]

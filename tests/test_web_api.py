@@ -14,10 +14,11 @@ from tests.support.web import sign_in
 
 @pytest.fixture
 def api(client: FlaskClient, api_token: str):
-    headers = {"Authorization": f"Bearer {api_token}"}
+    bearer = {"Authorization": f"Bearer {api_token}"}
 
-    def call(method: str, path: str, json=None, **kwargs):
-        return client.open(path, method=method, json=json, headers=headers, **kwargs)
+    def call(method: str, path: str, json=None, headers=None, **kwargs):
+        sent = {**bearer, **(headers or {})}
+        return client.open(path, method=method, json=json, headers=sent, **kwargs)
 
     return call
 
@@ -63,6 +64,21 @@ def test_create_show_and_list(api, harness: Harness, user: User):
     listed = api("GET", "/api/runs?status=queued&limit=200").json
     assert run["id"] in [r["id"] for r in listed["runs"]] and listed["total"] >= 1
     assert harness.dispatcher.sent[-1][0] == run["id"]
+
+
+def test_a_create_retried_with_its_idempotency_key_returns_the_same_run(api):
+    """A client whose first answer was lost retries: one run, not two."""
+    body = {"task": "api run", "config": {"max_iterations": 7}}
+    first = api("POST", "/api/runs", body, headers={"Idempotency-Key": "deploy-42-try"})
+    again = api("POST", "/api/runs", body, headers={"Idempotency-Key": "deploy-42-try"})
+    assert first.status_code == again.status_code == 201
+    assert again.json["id"] == first.json["id"]
+    other = api(
+        "POST", "/api/runs", {"task": "other"}, headers={"Idempotency-Key": "deploy-42-try"}
+    )
+    assert other.status_code == 409 and "different request" in other.json["error"]
+    bad = api("POST", "/api/runs", body, headers={"Idempotency-Key": "x" * 201})
+    assert bad.status_code == 400 and "idempotency key" in bad.json["error"]
 
 
 @pytest.mark.parametrize(

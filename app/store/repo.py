@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import (
     URL,
+    ColumnElement,
     Connection,
     Engine,
     Result,
@@ -358,6 +359,16 @@ class Tx:
             query = query.where(runs.c.status == status)
         return int(self.conn.execute(query).scalar_one())
 
+    def count_nudged(self, *, before: datetime, now: datetime) -> int:
+        """Overdue, unleased active runs with a nudge outstanding (see claim_nudges)."""
+        return int(
+            self.conn.execute(
+                select(func.count())
+                .select_from(runs)
+                .where(*_overdue(before, now), runs.c.nudged_at.is_not(None))
+            ).scalar_one()
+        )
+
     def claim_nudges(
         self, *, before: datetime, renudge_before: datetime, now: datetime, limit: int = 500
     ) -> list[Row[Any]]:
@@ -369,9 +380,7 @@ class Tx:
         overdue = (
             select(runs.c.id)
             .where(
-                runs.c.status.in_(ACTIVE_STATUSES),
-                or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now),
-                or_(runs.c.next_run_at.is_(None), runs.c.next_run_at < before),
+                *_overdue(before, now),
                 or_(runs.c.nudged_at.is_(None), runs.c.nudged_at < renudge_before),
             )
             .order_by(runs.c.next_run_at)
@@ -783,6 +792,15 @@ class Tx:
             .values(status="expired", decided_at=now)
             .returning(*approvals.c)
         ).first()
+
+
+def _overdue(before: datetime, now: datetime) -> list[ColumnElement[bool]]:
+    """Active runs that no live worker holds and that were due before `before`."""
+    return [
+        runs.c.status.in_(ACTIVE_STATUSES),
+        or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now),
+        or_(runs.c.next_run_at.is_(None), runs.c.next_run_at < before),
+    ]
 
 
 def step_from_row(row: Row[Any], prefix: str = "") -> Step:

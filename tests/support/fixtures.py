@@ -116,6 +116,9 @@ class RecordingDispatcher:
     def pop(self) -> tuple[str, int, float]:
         return self.sent.pop(0)
 
+    def queue_depth(self) -> int | None:
+        return len(self.sent)
+
 
 @dataclass
 class RecordingNotifier:

@@ -346,6 +346,11 @@ class ClientDispatcher:
     def enqueue(self, run_id: str, tick: int, delay: float) -> None:
         self.publish(run_id, tick, countdown=delay if delay > 0 else None)
 
+    def queue_depth(self) -> int | None:
+        from tasks import queue_depth
+
+        return queue_depth(self.app, self.app.conf.task_default_queue)
+
     def publish(self, run_id: str, tick: int, *, countdown: float | None = None) -> None:
         self.app.send_task("agentloop.advance", args=(run_id, tick), countdown=countdown)
 
