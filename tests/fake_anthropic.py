@@ -219,6 +219,13 @@ class FakeAnthropic:
             self.state.script.extend(entries)
         return self
 
+    def reset(self) -> FakeAnthropic:
+        """Forget the script and the recorded requests (one server, many examples)."""
+        with self.state.lock:
+            self.state.script.clear()
+            self.state.requests.clear()
+        return self
+
     @property
     def requests(self) -> list[RecordedRequest]:
         with self.state.lock:
@@ -342,9 +349,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _content(self, entry: Entry) -> tuple[list[dict[str, Any]], str]:
         if "content" in entry:
-            blocks = [dict(block) for block in entry["content"]]
+            blocks = [dict(b) if isinstance(b, dict) else b for b in entry["content"]]
             for block in blocks:
-                if block.get("type") == "tool_use":
+                if isinstance(block, dict) and block.get("type") == "tool_use":
                     block.setdefault("id", f"toolu_fake_{self.state.next_id():04d}")
             return blocks, "end_turn"
         blocks = [{"type": "text", "text": entry["text"]}] if "text" in entry else []

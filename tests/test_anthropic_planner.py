@@ -32,6 +32,7 @@ from tests.fake_anthropic import (
     Entry,
     FakeAnthropic,
     RecordedRequest,
+    conversation_problem,
     error_reply,
     finish_reply,
     more_steps_reply,
@@ -751,6 +752,335 @@ def _all(text: str, needle: str) -> list[int]:
         found.append(at)
         at = text.find(needle, at + 1)
     return found
+
+
+# --- malformed answers (issue 8, defect 10) ------------------------------------------------------
+
+USAGE = {
+    "input_tokens": 100,
+    "output_tokens": 50,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 0,
+}
+
+
+def sent_conversations_are_valid(fake: FakeAnthropic) -> None:
+    """Every request the planner sent is one the API would accept."""
+    for sent in fake.requests:
+        assert conversation_problem(sent.body) is None, sent.body["messages"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"raw": "not json"},
+        {"raw": "<html>502 Bad Gateway</html>", "headers": {"content-type": "text/html"}},
+        {"raw": ""},
+        {"raw": b"\xff\xfe{\x00"},
+        {"raw": "[" * 10_000 + "]" * 10_000},
+        {"raw": '{"a":' * 10_000 + "1" + "}" * 10_000},
+        {"raw": '{"type": "message", "content": [], "usage": {"input_tokens": 1e999}}'},
+        {"raw": '{"usage": {"input_tokens": ' + "9" * 5000 + "}}"},
+        {"body": None},
+        {"body": [1, 2, 3]},
+        {"body": "a message"},
+        {"body": {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}},
+    ],
+    ids=lambda a: repr(a)[:40],
+)
+def test_an_unreadable_200_answer_is_transient(
+    planner: AnthropicPlanner, fake: FakeAnthropic, answer: Entry
+) -> None:
+    outcome = run(planner, fake, answer)
+
+    assert isinstance(outcome, PlannerUnavailable)
+    assert outcome.error.startswith("unexpected answer from the Anthropic API")
+    assert "\x00" not in outcome.error and len(outcome.error) < 1000
+
+
+@pytest.mark.parametrize("content", [None, "submit_plan", 42, {"type": "text", "text": "hi"}])
+def test_content_that_is_not_a_list_is_transient_and_its_usage_kept(
+    planner: AnthropicPlanner, fake: FakeAnthropic, content: Any
+) -> None:
+    outcome = run(planner, fake, plan_reply([DEPLOY], usage=USAGE, patch={"content": content}))
+
+    assert isinstance(outcome, PlannerUnavailable)
+    assert "content" in outcome.error
+    [usage] = outcome.usage
+    assert (usage.input_tokens, usage.output_tokens) == (100, 50)
+    assert usage.cost_usd > 0
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        None,
+        "lots",
+        [],
+        {"input_tokens": "100", "output_tokens": 50},
+        {"input_tokens": None, "output_tokens": True},
+        {"input_tokens": -5, "output_tokens": 50.5},
+        {"output_tokens": 50},
+    ],
+    ids=repr,
+)
+def test_ill_typed_usage_still_plans_and_never_undercounts(
+    planner: AnthropicPlanner, fake: FakeAnthropic, usage: Any
+) -> None:
+    outcome = run(planner, fake, plan_reply([DEPLOY], patch={"usage": usage}))
+
+    assert isinstance(outcome, PlanProduced)
+    [recorded] = outcome.usage
+    # What is unreadable is estimated from the bytes sent and received (4 bytes a token).
+    assert recorded.input_tokens >= fake.requests[0].size // 4 or recorded.input_tokens == 100
+    assert recorded.output_tokens >= 50
+    assert recorded.cost_usd > 0
+
+
+def test_missing_usage_is_estimated(planner: AnthropicPlanner, fake: FakeAnthropic) -> None:
+    outcome = run(planner, fake, plan_reply([DEPLOY], omit=["usage"]))
+
+    assert isinstance(outcome, PlanProduced)
+    [recorded] = outcome.usage
+    assert recorded.input_tokens == fake.requests[0].size // 4
+    assert recorded.output_tokens > 0
+    assert recorded.purpose == "initial (usage estimated)"
+
+
+def test_huge_token_counts_are_clamped_not_crashed(
+    planner: AnthropicPlanner, fake: FakeAnthropic
+) -> None:
+    huge = {"input_tokens": 10**40, "output_tokens": 10**40}
+    outcome = run(planner, fake, plan_reply([DEPLOY], usage=huge))
+
+    assert isinstance(outcome, PlanProduced)
+    [recorded] = outcome.usage
+    assert 10**12 <= recorded.total_tokens < 2**63  # fits a BIGINT, still over any budget
+
+
+@pytest.mark.parametrize("missing", ["id", "model", "role", "stop_reason", "type", "stop_sequence"])
+def test_envelope_fields_that_are_missing_do_not_matter(
+    planner: AnthropicPlanner, fake: FakeAnthropic, missing: str
+) -> None:
+    outcome = run(planner, fake, plan_reply([DEPLOY], omit=[missing]))
+
+    assert isinstance(outcome, PlanProduced)
+    assert outcome.usage[0].model == MODEL
+
+
+@pytest.mark.parametrize("tool_input", [None, "steps", [DEPLOY], 7, True])
+def test_tool_use_input_that_is_not_an_object_is_repaired(
+    planner: AnthropicPlanner, fake: FakeAnthropic, tool_input: Any
+) -> None:
+    outcome = run(planner, fake, tool_reply("submit_plan", tool_input), plan_reply([DEPLOY]))
+
+    assert isinstance(outcome, PlanProduced)
+    assert len(outcome.usage) == 2
+    sent_conversations_are_valid(fake)
+    # Nothing of the answer can go back, so the feedback joins the prompt's turn.
+    [turn] = messages(fake.requests[1])
+    prompt, feedback = turn["content"]
+    assert prompt == messages(fake.requests[0])[0]["content"][0]
+    assert "must be a JSON object" in feedback["text"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        [],
+        [{"type": "text", "text": ""}],
+        [{"type": "text", "text": "  \n"}, {"type": "text", "text": ""}],
+        [{"type": "text"}],
+        [{"type": "text", "text": None}],
+        [{"type": "banana", "peel": 1}],
+        [None, 3, "text", []],
+        [{"type": "tool_use", "name": "submit_plan", "input": {}, "id": "bad id!"}],
+        [{"type": "tool_use", "input": {"steps": [DEPLOY]}}],
+        [{"type": "tool_use", "name": 5, "input": {"steps": [DEPLOY]}, "id": "toolu_x"}],
+        [{"type": "thinking"}],
+        [{"type": "redacted_thinking", "data": None}],
+    ],
+    ids=repr,
+)
+def test_answers_with_nothing_sendable_are_repaired_without_an_empty_turn(
+    planner: AnthropicPlanner, fake: FakeAnthropic, content: list[Any]
+) -> None:
+    outcome = run(
+        planner,
+        fake,
+        {"content": content},
+        {"content": content},
+        plan_reply([DEPLOY]),
+        config=config(max_plan_repairs=2),
+    )
+
+    assert isinstance(outcome, PlanProduced), outcome
+    assert len(fake.requests) == 3
+    sent_conversations_are_valid(fake)
+
+
+def test_repeated_tool_use_ids_are_not_sent_back_twice(
+    planner: AnthropicPlanner, fake: FakeAnthropic
+) -> None:
+    call = {"type": "tool_use", "id": "toolu_same", "name": "submit_plan", "input": {}}
+    outcome = run(
+        planner, fake, {"content": [call, call]}, {"content": [call]}, plan_reply([DEPLOY])
+    )
+
+    assert isinstance(outcome, PlanProduced)
+    sent_conversations_are_valid(fake)
+
+
+def test_text_with_lone_surrogates_and_nul_is_sent_back_clean(
+    planner: AnthropicPlanner, fake: FakeAnthropic
+) -> None:
+    odd = text_reply("bad \ud800 and \x00 here", usage=USAGE)
+    outcome = run(planner, fake, odd, plan_reply([DEPLOY]))
+
+    assert isinstance(outcome, PlanProduced)
+    sent_conversations_are_valid(fake)
+    assert b"\\u0000" not in fake.requests[1].raw
+
+
+@pytest.mark.parametrize(
+    "bad_step",
+    [
+        {**DEPLOY, "description": "Deploy \x00 now"},
+        {**SET_ENV, "args": {"name": "A", "value": "x\ud800y"}},
+        {**SET_ENV, "args": {"name": "A\x00", "value": "x"}},
+    ],
+    ids=["nul-description", "surrogate-arg", "nul-arg"],
+)
+def test_plans_with_text_no_database_can_store_are_repaired(
+    planner: AnthropicPlanner, fake: FakeAnthropic, bad_step: dict[str, Any]
+) -> None:
+    outcome = run(planner, fake, plan_reply([bad_step]), plan_reply([DEPLOY]))
+
+    assert isinstance(outcome, PlanProduced)
+    assert outcome.steps[0] == PlannedStep(**DEPLOY)
+    assert len(fake.requests) == 2
+    sent_conversations_are_valid(fake)
+
+
+def test_a_report_with_a_nul_is_repaired(planner: AnthropicPlanner, fake: FakeAnthropic) -> None:
+    outcome = run(
+        planner, fake, finish_reply("all \x00 done"), finish_reply("all done"), purpose="verify"
+    )
+
+    assert isinstance(outcome, PlanFinished)
+    assert outcome.report == "all done"
+
+
+@pytest.mark.parametrize("status", [201, 202, 203, 206])
+def test_other_2xx_statuses_are_read_like_200(
+    planner: AnthropicPlanner, fake: FakeAnthropic, status: int
+) -> None:
+    outcome = run(planner, fake, plan_reply([DEPLOY], status=status))
+
+    assert isinstance(outcome, PlanProduced)
+
+
+@pytest.mark.parametrize("status", [204, 301, 302, 304, 418, 451])
+def test_odd_statuses_end_as_a_planner_outcome(
+    planner: AnthropicPlanner, fake: FakeAnthropic, status: int
+) -> None:
+    outcome = run(planner, fake, {"status": status, "raw": "" if status in (204, 304) else "x"})
+
+    assert isinstance(outcome, PlannerUnavailable | PlannerFatal)
+
+
+def test_usage_is_kept_on_every_failure_outcome(
+    planner: AnthropicPlanner, fake: FakeAnthropic
+) -> None:
+    unreadable = plan_reply([DEPLOY], usage=USAGE, patch={"content": None})
+    outcome = run(planner, fake, text_reply("hmm", usage=USAGE), unreadable)
+
+    assert isinstance(outcome, PlannerUnavailable)
+    assert [u.purpose for u in outcome.usage] == ["initial", "initial (repair 1)"]
+
+
+# --- budgets cap max_tokens (issue 8, defect 15) ------------------------------------------------
+
+
+def test_max_tokens_is_capped_by_the_tokens_left(
+    planner: AnthropicPlanner, fake: FakeAnthropic
+) -> None:
+    outcome = run(planner, fake, plan_reply([DEPLOY]), tokens_left=1000)
+
+    assert isinstance(outcome, PlanProduced)
+    assert fake.requests[0].body["max_tokens"] == 1000
+
+
+def test_repairs_get_what_earlier_calls_left_of_the_budget(
+    planner: AnthropicPlanner, fake: FakeAnthropic
+) -> None:
+    outcome = run(
+        planner, fake, text_reply("hmm", usage=USAGE), plan_reply([DEPLOY]), tokens_left=1000
+    )
+
+    assert isinstance(outcome, PlanProduced)
+    assert [r.body["max_tokens"] for r in fake.requests] == [1000, 850]
+
+
+def test_a_budget_used_up_by_earlier_calls_stops_before_calling(
+    planner: AnthropicPlanner, fake: FakeAnthropic
+) -> None:
+    outcome = run(
+        planner, fake, text_reply("hmm", usage=USAGE), plan_reply([DEPLOY]), tokens_left=150
+    )
+
+    assert isinstance(outcome, PlannerFatal)
+    assert "budget" in outcome.error and "exhausted" in outcome.error
+    assert len(fake.requests) == 1
+    assert [u.output_tokens for u in outcome.usage] == [50]
+
+
+@pytest.mark.parametrize("left", [{"tokens_left": 0}, {"tokens_left": -3}, {"usd_left": 0.0}])
+def test_nothing_left_is_fatal_without_a_call(
+    planner: AnthropicPlanner, fake: FakeAnthropic, left: dict[str, Any]
+) -> None:
+    outcome = run(planner, fake, plan_reply([DEPLOY]), **left)
+
+    assert isinstance(outcome, PlannerFatal)
+    assert "budget is exhausted" in outcome.error
+    assert fake.requests == [] and outcome.usage == []
+
+
+def test_max_tokens_is_capped_by_the_dollars_left(
+    planner: AnthropicPlanner, fake: FakeAnthropic
+) -> None:
+    # claude-sonnet-4 output is $15 per MTok: $0.003 pays for 200 output tokens.
+    outcome = run(planner, fake, plan_reply([DEPLOY]), usd_left=0.003)
+
+    assert isinstance(outcome, PlanProduced)
+    assert fake.requests[0].body["max_tokens"] == 200
+
+
+def test_the_dollars_spent_by_a_repair_come_off_the_next_call(
+    planner: AnthropicPlanner, fake: FakeAnthropic
+) -> None:
+    # The first call costs 100 * $3 + 50 * $15 per MTok = $0.00105.
+    outcome = run(
+        planner, fake, text_reply("hmm", usage=USAGE), plan_reply([DEPLOY]), usd_left=0.003
+    )
+
+    assert isinstance(outcome, PlanProduced)
+    assert [r.body["max_tokens"] for r in fake.requests] == [200, 130]
+
+
+def test_a_cut_off_answer_names_the_capped_max_tokens(
+    planner: AnthropicPlanner, fake: FakeAnthropic
+) -> None:
+    cut = {
+        "content": [{"type": "tool_use", "name": "submit_plan", "input": {"reasoning": "x"}}],
+        "stop_reason": "max_tokens",
+        "usage": USAGE,
+    }
+    outcome = run(planner, fake, cut, plan_reply([DEPLOY]), tokens_left=1000)
+
+    assert isinstance(outcome, PlanProduced)
+    feedback = messages(fake.requests[1])[-1]["content"][0]["content"]
+    assert "cut off at max_tokens (1000" in feedback
 
 
 # --- the fake itself ---------------------------------------------------------------------------

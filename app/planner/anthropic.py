@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import anthropic
-from anthropic.types import Message
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from app.engine.actions import (
@@ -54,7 +55,7 @@ from app.engine.actions import (
 from app.engine.models import PlannedStep, PlanSteps
 from app.engine.redact import redact
 from app.planner.base import PlanCheck, PlanRequest
-from app.planner.pricing import cost_usd
+from app.planner.pricing import MTOK, cost_usd, price_for
 from app.planner.prompt import (
     ANSWER_TOOLS,
     FINISH,
@@ -140,7 +141,11 @@ class AnthropicPlanner:
         self._client.close()
 
     def plan(self, request: PlanRequest, *, check: PlanCheck) -> PlanOutcome:
-        """One plan, re-plan or verification, with up to max_plan_repairs repairs."""
+        """One plan, re-plan or verification, with up to max_plan_repairs repairs.
+
+        Whatever the API answers ends as one of the PlanOutcome types, with the
+        usage of every answer that said (or let us estimate) what it cost.
+        """
         if clash := sorted(set(ANSWER_TOOLS) & {t.name for t in request.tools}):
             return PlannerFatal(
                 error=f"a registered tool is named {clash[0]!r}, which the planner uses "
@@ -148,22 +153,37 @@ class AnthropicPlanner:
             )
         chat = _Conversation.open(request, auto_choice=self._forced_unsupported(request))
         usage: list[LlmUsage] = []
-        last: Message | None = None
+        last: _Answer | None = None
         problems: Problems = []
         for repair in range(request.config.max_plan_repairs + 1):
             if last is not None:
                 chat.add_repair(last, problems)
+            max_tokens, exhausted = _max_tokens(request, usage)
+            if exhausted is not None:
+                return PlannerFatal(error=exhausted, usage=usage)
+            chat.max_tokens = max_tokens
+            purpose = _purpose(request, repair)
             try:
-                last, size = self._send(chat)
+                reply, size = self._send(chat)
             except anthropic.APIError as exc:
                 return _api_failure(exc, request, timeout=self._timeout, usage=usage)
-            usage.append(_usage(last, purpose=_purpose(request, repair), request_bytes=size))
-            verdict = _judge(last, request, check, expected=chat.answer_tool)
+            try:
+                last = _read_answer(reply, model=chat.model, request_bytes=size, purpose=purpose)
+            except _Unreadable as exc:
+                if exc.usage is not None:
+                    usage.append(exc.usage)
+                return PlannerUnavailable(
+                    error=f"unexpected answer from the Anthropic API {exc}", usage=usage
+                )
+            usage.append(last.usage)
+            verdict = _judge(last, request, check, expected=chat.answer_tool, max_tokens=max_tokens)
             if not isinstance(verdict, list):
                 return verdict.model_copy(update={"usage": usage})
             problems = verdict
         return PlanInvalid(
-            error=f"no valid plan after {len(usage)} answer(s): " + "; ".join(problems),
+            error=_clean_text(
+                f"no valid plan after {len(usage)} answer(s): " + "; ".join(problems)
+            ),
             raw=_raw(last),
             usage=usage,
         )
@@ -172,7 +192,7 @@ class AnthropicPlanner:
         model = request.config.model
         return model in self._auto_choice or model.startswith(NO_FORCED_TOOL_CHOICE)
 
-    def _send(self, chat: _Conversation) -> tuple[Message, int]:
+    def _send(self, chat: _Conversation) -> tuple[_Reply, int]:
         """One API call; on a 400 refusing forced tool_choice, once more with "auto"."""
         try:
             return self._create(chat.body())
@@ -183,9 +203,17 @@ class AnthropicPlanner:
             chat.auto_choice = True
             return self._create(chat.body())
 
-    def _create(self, body: dict[str, Any]) -> tuple[Message, int]:
-        message = self._client.messages.create(**body)
-        return message, request_size(body)
+    def _create(self, body: dict[str, Any]) -> tuple[_Reply, int]:
+        # The raw response: an answer is read here (_read_answer), never trusted to have
+        # the shape the SDK's Message type promises.
+        response = self._client.messages.with_raw_response.create(**body)
+        http = response.http_response
+        reply = _Reply(
+            status=http.status_code,
+            content_type=http.headers.get("content-type", ""),
+            body=http.content,
+        )
+        return reply, request_size(body)
 
 
 def request_size(body: Mapping[str, Any]) -> int:
@@ -198,25 +226,281 @@ def _purpose(request: PlanRequest, repair: int) -> str:
     return request.purpose if repair == 0 else f"{request.purpose} (repair {repair})"
 
 
-# --- the conversation -------------------------------------------------------------
+# --- budgets --------------------------------------------------------------------------
+
+
+def _max_tokens(request: PlanRequest, usage: list[LlmUsage]) -> tuple[int, str | None]:
+    """The next call's max_tokens: the config's, capped to what the run's budgets have
+    left after this plan()'s earlier calls; or why no call may be made at all."""
+    cap = request.config.max_tokens
+    if request.tokens_left is not None:
+        tokens = request.tokens_left - sum(u.total_tokens for u in usage)
+        if tokens < 1:
+            return 0, _exhausted(f"{max(tokens, 0)} tokens left", usage)
+        cap = min(cap, tokens)
+    if request.usd_left is not None and not math.isnan(request.usd_left):
+        dollars = request.usd_left - sum(u.cost_usd for u in usage)
+        # The dearest output rate the model has, so the cap never pays for less than it says.
+        price = price_for(request.config.model)
+        rate = max(price.rates.output, price.long.output if price.long else 0.0)
+        affordable = dollars * MTOK / rate if rate > 0 else math.inf
+        if affordable < 1:
+            return 0, _exhausted(f"${max(dollars, 0.0):.6f} left", usage)
+        if math.isfinite(affordable):
+            cap = min(cap, math.floor(affordable + 1e-6))
+    return cap, None
+
+
+def _exhausted(left: str, usage: list[LlmUsage]) -> str:
+    spent = f" after {len(usage)} call(s) of this plan" if usage else ""
+    return (
+        f"the run's budget is exhausted{spent} ({left}, not enough for one more planner "
+        "call): raise budget_tokens or budget_usd in the run config"
+    )
+
+
+# --- reading an answer ----------------------------------------------------------------
+
+# Nesting deeper than this is no plan the API would send; the limit also keeps every
+# later walk over the answer (pydantic, the registry's check, the store) far from
+# Python's recursion limit.
+MAX_DEPTH = 64
+# A token count past this is clamped: still over any budget, and the sum of a run's
+# counts still fits the store's BIGINT.
+MAX_COUNT = 10**12
+# Rough size of a token, to estimate a count the answer did not give.
+BYTES_PER_TOKEN = 4
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
+TOOL_USE_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """What came back over HTTP with a 2xx status, unread."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A readable answer: a JSON object whose content is a list. Blocks are kept as
+    received (the objects among them); nothing else about them is trusted."""
+
+    model: str
+    stop_reason: str | None
+    blocks: list[dict[str, Any]]
+    usage: LlmUsage
+
+    def calls(self) -> list[dict[str, Any]]:
+        return [block for block in self.blocks if block.get("type") == "tool_use"]
+
+
+class _Unreadable(Exception):
+    """An answer that is no message; `usage` when it still said what it cost."""
+
+    def __init__(self, reason: str, usage: LlmUsage | None = None) -> None:
+        super().__init__(reason)
+        self.usage = usage
+
+
+def _read_answer(reply: _Reply, *, model: str, request_bytes: int, purpose: str) -> _Answer:
+    kind = _clean_text(reply.content_type.split(";")[0].strip())[:80] or "no content-type"
+    where = f"({reply.status}, {kind})"
+    try:
+        text = reply.body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Unreadable(f"{where}: the body is not UTF-8 text") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise _Unreadable(f"{where}: the body is JSON nested too deeply to read") from None
+    except ValueError as exc:
+        reason = str(exc).split("\n")[0][:120]
+        raise _Unreadable(f"{where}: the body is not JSON ({reason}): {_snippet(text)}") from None
+    if _depth(data) > MAX_DEPTH:
+        raise _Unreadable(f"{where}: the body is JSON nested deeper than {MAX_DEPTH} levels")
+    if not isinstance(data, dict):
+        raise _Unreadable(f"{where}: the body is a JSON {_json_type(data)}, not a message")
+    if data.get("type") == "error":
+        error: dict[str, Any] = data["error"] if isinstance(data.get("error"), dict) else {}
+        detail = f"{error.get('type', 'error')}: {error.get('message', '')}"
+        raise _Unreadable(f"{where}: an error instead of a message: {_snippet(detail)}")
+    answered = data.get("model")
+    if not (isinstance(answered, str) and MODEL_ID.fullmatch(answered)):
+        answered = model
+    content = data.get("content")
+    usage = None
+    if "usage" in data or isinstance(content, list):
+        usage = _read_usage(
+            data.get("usage"),
+            model=answered,
+            purpose=purpose,
+            request_bytes=request_bytes,
+            answer_bytes=len(reply.body),
+        )
+    if not isinstance(content, list):
+        raise _Unreadable(
+            f"{where}: the message's content is a JSON {_json_type(content)}, not a list", usage
+        )
+    assert usage is not None
+    stop_reason = data.get("stop_reason")
+    return _Answer(
+        model=answered,
+        stop_reason=stop_reason if isinstance(stop_reason, str) else None,
+        blocks=[block for block in content if isinstance(block, dict)],
+        usage=usage,
+    )
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:
+                return depth
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _snippet(text: str, limit: int = 120) -> str:
+    short = text if len(text) <= limit else text[:limit] + "…"
+    return repr(_clean_text(short))
+
+
+def _read_usage(
+    counts: Any, *, model: str, purpose: str, request_bytes: int, answer_bytes: int
+) -> LlmUsage:
+    """The answer's token counts; what it does not give readably is estimated from the
+    bytes sent and received, so a run's budget never undercounts a call."""
+    given = counts if isinstance(counts, dict) else {}
+    estimated = False
+
+    def count(name: str, *, estimate: int | None) -> int:
+        nonlocal estimated
+        value = given.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            number = None
+        elif isinstance(value, float):
+            number = math.ceil(value) if math.isfinite(value) and value >= 0 else None
+        else:
+            number = value if value >= 0 else None
+        if number is not None:
+            return min(number, MAX_COUNT)
+        if estimate is None:  # an optional count: absent or null is zero
+            if value is not None:
+                estimated = True
+            return 0
+        estimated = True
+        return min(max(1, estimate), MAX_COUNT)
+
+    input_tokens = count("input_tokens", estimate=request_bytes // BYTES_PER_TOKEN)
+    output_tokens = count("output_tokens", estimate=answer_bytes // BYTES_PER_TOKEN)
+    cache_creation = count("cache_creation_input_tokens", estimate=None)
+    cache_read = count("cache_read_input_tokens", estimate=None)
+    if estimated:
+        input_tokens = max(input_tokens, request_bytes // BYTES_PER_TOKEN)
+    usage = LlmUsage(
+        model=model,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cache_creation_tokens=cache_creation,
+        cache_read_tokens=cache_read,
+        purpose=f"{purpose} (usage estimated)" if estimated else purpose,
+        request_bytes=request_bytes,
+    )
+    return usage.model_copy(update={"cost_usd": cost_usd(usage.model, usage)})
+
+
+def _clean_text(text: str) -> str:
+    """Text any store and the API accept: NULs and lone surrogates become U+FFFD."""
+    return BAD_CHARS.sub("\ufffd", text)
+
+
+def _clean(value: Any) -> Any:
+    """A JSON value (at most MAX_DEPTH deep) with every string cleaned."""
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, dict):
+        return {_clean_text(str(key)): _clean(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    return value
+
+
+def _bad_text(value: Any, path: str) -> str | None:
+    """Where a string in `value` holds a NUL or a lone surrogate, which no database
+    column and no API request can carry; None when there is none."""
+    if isinstance(value, str):
+        return path if BAD_CHARS.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{_clean_text(str(key))}" if path else _clean_text(str(key))
+            if BAD_CHARS.search(str(key)):
+                return inner
+            if found := _bad_text(item, inner):
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if found := _bad_text(item, f"{path}.{i}" if path else str(i)):
+                return found
+    return None
+
+
+# --- the conversation ---------------------------------------------------------------
 
 
 @dataclass
 class _Conversation:
-    """The request being built: a fixed prefix, then the turns of the repair loop."""
+    """The request being built: a fixed prefix, then the turns of the repair loop.
+
+    Every turn added here is one the API accepts: roles alternate, no turn is empty,
+    no text block is blank, a tool_use goes back only with an object input and an id
+    not used before, and every string is clean (_clean_text).
+    """
 
     model: str
     fixed: dict[str, Any]
     answer_tool: str
     auto_choice: bool
+    max_tokens: int
     messages: list[dict[str, Any]] = field(default_factory=list)
+    tool_use_ids: set[str] = field(default_factory=set)
 
     @classmethod
     def open(cls, request: PlanRequest, *, auto_choice: bool) -> _Conversation:
         config = request.config
         fixed = {
             "model": config.model,
-            "max_tokens": config.max_tokens,
             "system": system_blocks(),
             "tools": tool_definitions(request.tools, approval_required=config.approval_required),
         }
@@ -227,6 +511,7 @@ class _Conversation:
             fixed=fixed,
             answer_tool=FINISH if request.purpose == "verify" else SUBMIT_PLAN,
             auto_choice=auto_choice,
+            max_tokens=config.max_tokens,
             messages=[{"role": "user", "content": [{"type": "text", "text": text}]}],
         )
 
@@ -235,29 +520,76 @@ class _Conversation:
             {"type": "auto"} if self.auto_choice else {"type": "tool", "name": self.answer_tool}
         )
         choice["disable_parallel_tool_use"] = True
-        return {**self.fixed, "tool_choice": choice, "messages": list(self.messages)}
+        return {
+            **self.fixed,
+            "max_tokens": self.max_tokens,
+            "tool_choice": choice,
+            "messages": list(self.messages),
+        }
 
-    def add_repair(self, answer: Message, problems: Problems) -> None:
-        """The model's answer, then what was wrong with it."""
-        content = [_block_param(block) for block in answer.content]
-        if content:
-            self.messages.append({"role": "assistant", "content": content})
-        self.messages.append({"role": "user", "content": self._feedback(answer, problems)})
-
-    def _feedback(self, answer: Message, problems: Problems) -> list[dict[str, Any]]:
-        calls = [block for block in answer.content if block.type == "tool_use"]
-        if not calls:
-            return [{"type": "text", "text": _fix_request(self.answer_tool, problems)}]
-        # Every tool_use must be answered by a tool_result with its id.
-        return [
+    def add_repair(self, answer: _Answer, problems: Problems) -> None:
+        """The model's answer (what of it the API accepts back), then what was wrong."""
+        content = self._sendable(answer)
+        calls = [block for block in content if block["type"] == "tool_use"]
+        feedback: list[dict[str, Any]] = [
             {
                 "type": "tool_result",
-                "tool_use_id": call.id,
+                "tool_use_id": call["id"],
                 "is_error": True,
-                "content": self._about_call(call.name, problems),
+                "content": self._about_call(call["name"], problems),
             }
             for call in calls
         ]
+        if not any(call["name"] == self.answer_tool for call in calls):
+            feedback.append({"type": "text", "text": self._fix_text(answer, problems)})
+        if calls or any(block["type"] == "text" for block in content):
+            self.messages.append({"role": "assistant", "content": content})
+            self.messages.append({"role": "user", "content": feedback})
+        else:
+            # Nothing of the answer can go back: no assistant turn, so no second user
+            # turn either; the feedback joins the last user turn.
+            last = self.messages[-1]
+            last["content"] = [*last["content"], *feedback]
+
+    def _sendable(self, answer: _Answer) -> list[dict[str, Any]]:
+        blocks: list[dict[str, Any]] = []
+        for block in answer.blocks:
+            kind = block.get("type")
+            if kind == "text":
+                text = block.get("text")
+                if isinstance(text, str) and _clean_text(text).strip():
+                    blocks.append({"type": "text", "text": _clean_text(text)})
+            elif kind == "tool_use":
+                ident, name, tool_input = block.get("id"), block.get("name"), block.get("input")
+                if (
+                    isinstance(ident, str)
+                    and TOOL_USE_ID.fullmatch(ident)
+                    and ident not in self.tool_use_ids
+                    and isinstance(name, str)
+                    and TOOL_NAME.fullmatch(name)
+                    and isinstance(tool_input, dict)
+                ):
+                    self.tool_use_ids.add(ident)
+                    blocks.append(
+                        {"type": "tool_use", "id": ident, "name": name, "input": _clean(tool_input)}
+                    )
+            elif kind in ("thinking", "redacted_thinking"):
+                # Exactly as received, or not at all (a signature covers the exact text).
+                keys = ("thinking", "signature") if kind == "thinking" else ("data",)
+                values = [block.get(key) for key in keys]
+                if all(isinstance(v, str) and v and not BAD_CHARS.search(v) for v in values):
+                    blocks.append({"type": kind, **dict(zip(keys, values, strict=True))})
+        if not any(block["type"] in ("text", "tool_use") for block in blocks):
+            return []  # thinking alone is no turn
+        return blocks
+
+    def _fix_text(self, answer: _Answer, problems: Problems) -> str:
+        """Feedback when the answer tool's call cannot be answered with a tool_result."""
+        unsent = [c for c in answer.calls() if c.get("name") == self.answer_tool]
+        if unsent and isinstance(unsent[0].get("input"), dict):
+            # Called, but its id could not go back (malformed or used before).
+            problems = [*problems, "give each tool call a new, well-formed id"]
+        return _fix_request(self.answer_tool, problems)
 
     def _about_call(self, name: str, problems: Problems) -> str:
         if name == self.answer_tool:
@@ -268,37 +600,24 @@ class _Conversation:
 
 
 def _fix_request(answer_tool: str, problems: Problems) -> str:
-    listed = "\n".join(f"- {problem}" for problem in problems)
+    listed = "\n".join(f"- {_clean_text(problem)}" for problem in problems)
     return (
         f"Your answer was not accepted:\n{listed}\n"
         f"Call `{answer_tool}` again with the complete, corrected input."
     )
 
 
-def _block_param(block: Any) -> dict[str, Any]:
-    """A response block as a request block; thinking blocks go back exactly as received."""
-    if block.type == "tool_use":
-        return {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
-    if block.type == "text":
-        return {"type": "text", "text": block.text}
-    dumped: dict[str, Any] = block.model_dump(mode="json", exclude_none=True)
-    return dumped
-
-
-def _raw(message: Message | None) -> Any:
-    if message is None:
+def _raw(answer: _Answer | None) -> Any:
+    if answer is None:
         return None
-    return {
-        "stop_reason": message.stop_reason,
-        "content": [block.model_dump(mode="json", exclude_none=True) for block in message.content],
-    }
+    return {"stop_reason": _clean(answer.stop_reason), "content": _clean(answer.blocks)}
 
 
 # --- judging an answer --------------------------------------------------------------
 
 
 def _judge(
-    answer: Message, request: PlanRequest, check: PlanCheck, *, expected: str
+    answer: _Answer, request: PlanRequest, check: PlanCheck, *, expected: str, max_tokens: int
 ) -> PlanProduced | PlanFinished | PlannerFatal | Problems:
     """The outcome an answer gives, or the problems to send back to the model."""
     if answer.stop_reason == "refusal":
@@ -308,14 +627,29 @@ def _judge(
         )
     problems: Problems = []
     if answer.stop_reason == "max_tokens":
+        capped = max_tokens < request.config.max_tokens
         problems.append(
-            f"your answer was cut off at max_tokens ({request.config.max_tokens}): submit a "
-            "shorter plan (fewer steps, shorter descriptions) or raise max_tokens in the config"
+            f"your answer was cut off at max_tokens ({max_tokens}"
+            + (", all the run's budget has left" if capped else "")
+            + "): submit a shorter plan (fewer steps, shorter descriptions)"
+            + ("" if capped else " or raise max_tokens in the config")
         )
-    call = next((b for b in answer.content if b.type == "tool_use" and b.name == expected), None)
+    call = next((b for b in answer.calls() if b.get("name") == expected), None)
     if call is None:
         return [*problems, _missing_call(answer, expected)]
-    verdict = _parse_input(expected, call.input)
+    data = call.get("input")
+    if not isinstance(data, dict):
+        return [
+            *problems,
+            f"the input of `{expected}` must be a JSON object, not a JSON {_json_type(data)}",
+        ]
+    if (where := _bad_text(data, "")) is not None:
+        return [
+            *problems,
+            f"{expected} input: {where or '(input)'}: contains a NUL character or invalid "
+            "Unicode (a lone surrogate); use plain text",
+        ]
+    verdict = _parse_input(expected, data)
     if isinstance(verdict, list):
         return problems + verdict
     steps = verdict.steps if isinstance(verdict, PlanProduced) else []
@@ -323,8 +657,8 @@ def _judge(
     return problems or verdict
 
 
-def _missing_call(answer: Message, expected: str) -> str:
-    called = [b.name for b in answer.content if b.type == "tool_use"]
+def _missing_call(answer: _Answer, expected: str) -> str:
+    called = [_clean_text(str(b.get("name")))[:64] for b in answer.calls()]
     if called:
         return f"you called {', '.join(called)}; answer by calling `{expected}`"
     return f"you answered without calling `{expected}`; answer only by calling it"
@@ -360,21 +694,7 @@ def _check_steps(steps: list[PlannedStep], request: PlanRequest, check: PlanChec
     return refs + check(steps)
 
 
-# --- usage and API errors ---------------------------------------------------------
-
-
-def _usage(answer: Message, *, purpose: str, request_bytes: int) -> LlmUsage:
-    counts = answer.usage
-    usage = LlmUsage(
-        model=answer.model,
-        input_tokens=counts.input_tokens,
-        output_tokens=counts.output_tokens,
-        cache_creation_tokens=counts.cache_creation_input_tokens or 0,
-        cache_read_tokens=counts.cache_read_input_tokens or 0,
-        purpose=purpose,
-        request_bytes=request_bytes,
-    )
-    return usage.model_copy(update={"cost_usd": cost_usd(usage.model, usage)})
+# --- API errors ---------------------------------------------------------------------
 
 
 def _rejects_forced_choice(exc: anthropic.BadRequestError) -> bool:
@@ -391,14 +711,19 @@ def _api_failure(
             error=f"the Anthropic API did not answer within {timeout:g} s", usage=usage
         )
     if isinstance(exc, anthropic.APIConnectionError):
-        return PlannerUnavailable(error=f"cannot reach the Anthropic API: {exc}", usage=usage)
+        reason = _clean_text(str(exc))[:500]
+        return PlannerUnavailable(error=f"cannot reach the Anthropic API: {reason}", usage=usage)
     if not isinstance(exc, anthropic.APIStatusError):
         # e.g. a response body the SDK could not parse: most likely a proxy's hiccup.
+        reason = _clean_text(str(exc))[:500]
         return PlannerUnavailable(
-            error=f"unexpected answer from the Anthropic API: {exc}", usage=usage
+            error=f"unexpected answer from the Anthropic API: {reason}", usage=usage
         )
     kind, message = _error_parts(exc)
-    detail = f"{exc.status_code} {kind}: {message}"
+    # The error body is whatever the server sent: cleaned and cut, as it goes into events.
+    detail = _clean_text(f"{exc.status_code} {kind[:100]}: {message}")
+    if len(detail) > 500:
+        detail = detail[:500] + "…"
     if exc.status_code in TRANSIENT_STATUS or exc.status_code >= 500:
         wait = retry_after(exc.response.headers)
         return PlannerUnavailable(error=detail, retry_after=wait, usage=usage)
@@ -439,24 +764,42 @@ def _what_to_fix(status: int, detail: str, request: PlanRequest) -> str:
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds the server asked us to wait: retry-after-ms, retry-after seconds or date."""
-    millis = headers.get("retry-after-ms")
+    """Seconds the server asked us to wait: retry-after-ms, retry-after seconds or date.
+
+    Never negative, never more than MAX_RETRY_AFTER; a value that is no finite number
+    of seconds (nan, inf, garbage) counts as absent.
+    """
+    millis = _seconds(headers.get("retry-after-ms"))
     if millis is not None:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
+        return _bounded_wait(millis / 1000)
     value = headers.get("retry-after")
     if value is None:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    seconds = _seconds(value)
+    if seconds is not None:
+        return _bounded_wait(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return _bounded_wait((when - datetime.now(UTC)).total_seconds())
+
+
+# A server asking for a longer wait is not believed: the loop looks again after this.
+MAX_RETRY_AFTER = 3600.0
+
+
+def _seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def _bounded_wait(seconds: float) -> float:
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
