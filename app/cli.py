@@ -13,8 +13,9 @@ import click
 
 from app.config import ConfigError, Settings, load_settings, redact_url
 from app.engine.models import Decision
+from app.errors import NotFound
 from app.service import AgentService, ServiceError
-from app.store.repo import NotFound, StoreUnavailable
+from app.store.repo import StoreUnavailable
 from app.timeline import format_event, format_run_header, format_step
 
 P = ParamSpec("P")
@@ -32,7 +33,7 @@ def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, StoreUnavailable, BrokerUnavailable, ServiceError, NotFound) as exc:
+        except (ConfigError, StoreUnavailable, BrokerUnavailable, ServiceError) as exc:
             message = exc.args[0] if exc.args else str(exc)
             click.echo(f"agentloop: {message}", err=True)
             raise SystemExit(2) from None

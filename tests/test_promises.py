@@ -17,8 +17,9 @@ from sqlalchemy import func, select, text, update
 
 from app.engine.actions import LlmUsage, PlanProduced
 from app.engine.models import PlannedStep, RunStatus, StepStatus, ToolPolicy
+from app.errors import NotFound
 from app.service import Conflict, InvalidInput
-from app.store.repo import DatabaseClock, NotFound, Store, make_engine
+from app.store.repo import DatabaseClock, Store, make_engine
 from app.store.schema import runs
 from app.tools.registry import ToolRegistry
 from tests.support.fixtures import Harness, RecordingDispatcher, make_harness, steps, wait_until
@@ -265,10 +266,11 @@ def test_the_database_clock_follows_the_server_not_this_process(store: Store):
 # --- 6. the sweep claims its nudges ------------------------------------------------------
 
 
-def test_the_sweep_keeps_one_nudge_outstanding_per_run(harness: Harness):
+def test_the_sweep_keeps_one_nudge_outstanding_per_run(private_store: Store, tmp_path: Path):
     """It re-published every overdue run each interval: 25,854 messages for ~1,200
-    useful ones. Now a run has at most one nudge until a claim consumes it.
-    (Runs of other tests share the database: only these three are counted.)"""
+    useful ones. Now a run has at most one nudge until a claim consumes it. (A
+    database of its own: other tests' runs would be overdue too.)"""
+    harness = make_harness(private_store, tmp_path)
     harness.planner.script = [steps("noop")] * 3
     lost = [harness.service.create_run(f"lost {i}") for i in range(3)]
 
@@ -294,7 +296,8 @@ def test_the_sweep_keeps_one_nudge_outstanding_per_run(harness: Harness):
     assert set(lost) - {advanced} <= set(nudged())
 
 
-def test_a_nudge_that_waits_past_its_timeout_is_sent_again(harness: Harness):
+def test_a_nudge_that_waits_past_its_timeout_is_sent_again(private_store: Store, tmp_path: Path):
+    harness = make_harness(private_store, tmp_path)
     harness.planner.script = [steps("noop")]
     run_id = harness.service.create_run("lost twice")
     harness.dispatcher.sent.clear()

@@ -15,8 +15,9 @@ from app.engine.actions import Execute, PlanProduced, StepSucceeded, Transition
 from app.engine.apply import apply_transition
 from app.engine.machine import begin_step, fold_step
 from app.engine.models import Decision, PlannedStep, RunStatus, StepStatus
+from app.errors import NotFound
 from app.service import Conflict, InvalidInput
-from app.store.repo import Guard, NotFound, Store, Tx, snapshot_from_row
+from app.store.repo import Guard, Store, Tx, snapshot_from_row
 from app.store.schema import runs
 from tests.support.fixtures import Harness, make_harness, steps, wait_until
 

@@ -50,6 +50,7 @@ from app.engine.models import (
     StepStatus,
     idempotency_key,
 )
+from app.errors import NotFound
 from app.store import hot
 from app.store.schema import approvals, events, runs, steps
 
@@ -58,10 +59,6 @@ log = logging.getLogger(__name__)
 
 class StoreUnavailable(Exception):
     """The database cannot be reached; the message names the URL and what to do."""
-
-
-class NotFound(LookupError):
-    pass
 
 
 def database_away(exc: DBAPIError) -> bool:

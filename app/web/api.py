@@ -14,9 +14,9 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import Row
 
 from app.engine.models import RunStatus
+from app.errors import NotFound
 from app.service import Conflict, InvalidInput, RunView
 from app.store.accounts import User
-from app.store.repo import NotFound
 from app.web import deps
 from app.web.auth import bearer_user
 from app.web.openapi import openapi_document

@@ -14,10 +14,10 @@ from flask import Blueprint, make_response, render_template
 from flask.typing import ResponseReturnValue
 
 from app.engine.models import PauseKind, RunStatus
+from app.errors import NotFound
 from app.notify.recipients import approvers_of
 from app.notify.tokens import ApprovalClaim, ExpiredToken, InvalidToken, read_approval
 from app.service import ApprovalView, Conflict, InvalidInput
-from app.store.repo import NotFound
 from app.web import deps
 from app.web.forms import DecisionForm, edited_args
 

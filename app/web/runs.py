@@ -19,10 +19,10 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import Row
 
 from app.engine.models import Decision, PauseKind, RunStatus
+from app.errors import NotFound
 from app.notify.recipients import approvers_of
 from app.service import Conflict, InvalidInput, RunView
 from app.store.accounts import User
-from app.store.repo import NotFound
 from app.web import deps, present
 from app.web.auth import current_user, login_required
 from app.web.forms import CancelForm, DecisionForm, NewRunForm, edited_args

@@ -1,0 +1,276 @@
+"""One iteration: read the run, decide, claim it with the iteration's first write
+(conditional on the run being as read), do the slow work with no transaction
+open, save the outcome under the lease, commit, and only then publish the next."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Row
+from sqlalchemy.exc import DBAPIError
+
+from app.engine import sanitize
+from app.engine.actions import (
+    AwaitHuman,
+    Execute,
+    Fail,
+    Plan,
+    PlanOutcome,
+    StepFailed,
+    StepOutcome,
+    StepSucceeded,
+    Transition,
+)
+from app.engine.apply import apply_transition
+from app.engine.machine import begin_step, decide, fail, fold_plan, fold_step, pause
+from app.engine.models import ACTIVE_STATUSES, EventKind, JSONDict, RunSnapshot
+from app.planner.base import PlanRequest
+from app.service.base import error_event
+from app.service.context import Context
+from app.service.work import Work
+from app.store.repo import Guard, database_away
+from app.tools.registry import THREAD_STOP_GRACE
+
+log = logging.getLogger(__name__)
+
+
+# Waits between attempts to save an outcome while the database is away.
+SAVE_RETRY_FIRST_WAIT = 0.25
+SAVE_RETRY_MAX_WAIT = 4.0
+
+
+@dataclass(frozen=True)
+class SlowWork:
+    """What the slow part of an iteration needs, read when the run was claimed."""
+
+    run: RunSnapshot
+    lease_until: datetime
+    request: PlanRequest | None = None
+    args: JSONDict | StepFailed = field(default_factory=dict)
+
+
+class Iteration(Context, Work):
+    def advance(self, run_id: str, tick: int) -> None:
+        """Advance a run by one iteration, if this message is still current.
+
+        Raises the database's OperationalError when it cannot be reached before the
+        claim (nothing was written: the message may simply be delivered again). Any
+        other unexpected error fails the run with the reason recorded — but only
+        while this worker may still write to it (see _fail_internal) — and is raised.
+        """
+        now = self.clock()
+        stored = self.store.read_for_claim(run_id)
+        if stored is None:
+            log.warning("advance: run %s does not exist", run_id)
+            return
+        if not self._claimable(stored.row, tick, now):
+            return
+        run = stored.as_claimed()
+        # Until the claim commits, the run may be written only if it is still as read.
+        guard = Guard.claim(self.worker_id, stored.row)
+        try:
+            action = decide(run, now=now, tools=self.tools.policies())
+            claimed = self._claim(stored.row, run, action, now)
+            if claimed is None:
+                return  # another worker claimed the run first, or it changed since read
+            if isinstance(claimed, Transition):
+                self._after_commit(run.id, run.tick, claimed)
+                return
+            run = claimed.run
+            guard = Guard(owner=self.worker_id, tick=run.tick)  # the lease is ours now
+            assert isinstance(action, Execute | Plan)  # only slow work leaves _claim unsettled
+            self._finish(claimed, action, self._slow_work(stored.row.planner, claimed, action))
+        except DBAPIError as exc:
+            if database_away(exc):
+                raise  # nothing more can be written now; the lease lapses, others recover
+            self._fail_internal(run, guard, exc)
+            raise
+        except Exception as exc:
+            self._fail_internal(run, guard, exc)
+            raise
+
+    def _claimable(self, row: Row[Any], tick: int, now: datetime) -> bool:
+        """Whether this message may claim the run (the claim itself checks again). Not a
+        stale or duplicate one, nor one for a run leased to a live worker; an early one,
+        early because the broker countdown is capped, is published again for the rest."""
+        if row.tick != tick or row.status not in ACTIVE_STATUSES:
+            return False
+        if row.lease_expires_at is not None and row.lease_expires_at >= now:
+            return False
+        if row.next_run_at is not None and row.next_run_at > now:
+            if row.lease_owner is None:
+                self._publish(row.id, tick, (row.next_run_at - now).total_seconds())
+            return False
+        return True
+
+    def _claim(
+        self,
+        row: Row[Any],
+        run: RunSnapshot,
+        action: Fail | AwaitHuman | Execute | Plan,
+        now: datetime,
+    ) -> Transition | SlowWork | None:
+        """Claim the run with the first write of the iteration: settle a quick action
+        (returning what it changed) or mark slow work begun (returning what the work
+        needs). None if the run is no longer as it was read."""
+        claim = Guard.claim(self.worker_id, row)
+        match action:
+            case Fail() | AwaitHuman():
+                settled = fail(action.reason) if isinstance(action, Fail) else pause(run, action)
+                return (
+                    settled if self._save(self.store, run, settled, guard=claim, now=now) else None
+                )
+            case Execute():
+                step = run.step(action.step_id)
+                began = begin_step(run, action)
+                # The lease covers the whole tool call (and the time a thread-run tool
+                # gets to end past its timeout); a crash is noticed when it lapses.
+                lease = self._step_timeout(run, step, now) + THREAD_STOP_GRACE + self.lease_grace
+                lease_until = now + timedelta(seconds=lease)
+                if not self._save(
+                    self.store,
+                    run,
+                    began,
+                    guard=claim,
+                    now=now,
+                    lease_until=lease_until,
+                    # Only a step that must not run twice needs `running` on disk first.
+                    durable=not self._idempotent(step),
+                ):
+                    return None
+                return SlowWork(
+                    apply_transition(run, began),
+                    lease_until=lease_until,
+                    args=self._resolve_args(run, step),
+                )
+            case Plan():
+                lease = self.llm_timeout * (run.config.max_plan_repairs + 1) + self.lease_grace
+                lease_until = now + timedelta(seconds=lease)
+                if not self._save(
+                    self.store,
+                    run,
+                    Transition(),
+                    guard=claim,
+                    now=now,
+                    lease_until=lease_until,
+                    durable=False,  # if lost, the planner is simply asked again
+                ):
+                    return None
+                with self.store.transaction() as tx:
+                    # A new plan supersedes every pending step: the planner and the fold
+                    # see the whole current plan, not only the steps `decide` looked at.
+                    plan = tx.plan_steps(run.id, run.plan_version)
+                    run = run.model_copy(update={"steps": plan})
+                    request = self._plan_request(tx, row, run, action)
+                return SlowWork(run, lease_until=lease_until, request=request)
+
+    def _slow_work(
+        self, planner_kind: str, work: SlowWork, action: Execute | Plan
+    ) -> StepOutcome | PlanOutcome:
+        """The tool call or the planner call, with no transaction open."""
+        if isinstance(action, Execute):
+            return self._execute(work.run, work.run.step(action.step_id), work.args)
+        assert work.request is not None
+        return self._plan(planner_kind, work.request)
+
+    def _finish(
+        self, work: SlowWork, action: Execute | Plan, outcome: StepOutcome | PlanOutcome
+    ) -> None:
+        run = work.run
+        jitter = self.jitter()
+        if isinstance(action, Execute) and isinstance(outcome, StepSucceeded | StepFailed):
+            step = run.step(action.step_id)
+            transition = fold_step(
+                run,
+                step,
+                outcome,
+                policy=self.tools.policies().get(step.tool),
+                jitter_sample=jitter,
+            )
+        elif isinstance(action, Plan) and not isinstance(outcome, StepSucceeded | StepFailed):
+            transition = fold_plan(run, action, outcome, jitter_sample=jitter)
+        else:
+            raise TypeError(f"outcome {type(outcome).__name__} does not answer {action.type}")
+        if self._save_outcome(run, transition, lease_until=work.lease_until):
+            self._after_commit(run.id, run.tick, transition)
+            return
+        now = self.clock()
+        discarded = error_event(
+            f"result of iteration {run.iteration} discarded: the run was "
+            "cancelled or its lease expired while the work ran"
+        )
+        # What the planner spent is spent, saved or not: budgets must never undercount.
+        usage = Transition(
+            tokens_delta=transition.tokens_delta,
+            cost_delta=transition.cost_delta,
+            events=[e for e in transition.events if e.kind is EventKind.LLM_CALL],
+        )
+        with self.store.transaction() as tx:
+            tx.record_spending(run.id, run.iteration, usage, [discarded], now)
+
+    def _save_outcome(
+        self, run: RunSnapshot, transition: Transition, *, lease_until: datetime
+    ) -> bool:
+        """Save an iteration's outcome under this worker's lease; False when the lease
+        was lost (the run was cancelled, or another worker recovered it).
+
+        The outcome exists only in this process: a database that is away for a few
+        seconds is waited for, with backoff, for as long as the lease holds, so a
+        restart never turns a finished step into "outcome unknown". (This is the one
+        sleep in a worker: there is nothing to re-enqueue, the outcome would be lost.)
+        """
+        guard = Guard(owner=self.worker_id, tick=run.tick)
+        wait = SAVE_RETRY_FIRST_WAIT
+        attempt = 1
+        while True:
+            try:
+                return self._save(self.store, run, transition, guard=guard, now=self.clock())
+            except DBAPIError as exc:
+                if not database_away(exc):
+                    raise
+                if self.clock() + timedelta(seconds=wait) >= lease_until:
+                    raise
+                log.warning(
+                    "saving iteration %d of run %s failed (attempt %d: %s); retrying in %.1f s",
+                    run.iteration, run.id, attempt, exc.orig, wait,
+                )  # fmt: skip
+                self.sleep(wait)
+                wait = min(wait * 2, SAVE_RETRY_MAX_WAIT)
+                attempt += 1
+                if self._saved_meanwhile(run):
+                    return True
+
+    def _saved_meanwhile(self, run: RunSnapshot) -> bool:
+        """Whether a save that failed in flight (the connection dropped during its
+        COMMIT) landed after all: the lease is released and the tick unchanged, which
+        only this worker's own save does (every other writer bumps the tick)."""
+        try:
+            stored = self.store.read_for_claim(run.id)
+        except DBAPIError as exc:
+            if database_away(exc):
+                return False
+            raise
+        return stored is not None and stored.row.tick == run.tick and stored.row.lease_owner is None
+
+    def _fail_internal(self, run: RunSnapshot, guard: Guard, error: BaseException) -> None:
+        """Record an unexpected error and fail the run, so no run is left silently stuck
+        — under `guard`: before the claim, only if the run is still as it was read;
+        after it, only while this worker holds the lease. A run that another worker
+        now advances is left alone (its outcome is that worker's to save)."""
+        log.exception("iteration %d of run %s failed unexpectedly", run.iteration, run.id)
+        reason = sanitize.scrub_text(f"internal error: {type(error).__name__}: {error}")[:2000]
+        failed = fail(reason).model_copy(
+            update={"events": [error_event(reason), *fail(reason).events]}
+        )
+        try:
+            saved = self._save(self.store, run, failed, guard=guard, now=self.clock())
+        except Exception:
+            log.exception("could not record the failure of run %s", run.id)
+            return
+        if saved:
+            self._after_commit(run.id, run.tick, failed)
+        else:
+            log.warning("run %s changed hands meanwhile: its failure is not recorded", run.id)
