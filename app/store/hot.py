@@ -11,6 +11,11 @@ events travel as JSON arrays, so it keeps one shape whatever their number. Both
 are prepared once per connection (see Prepared), so PostgreSQL does not parse
 and plan them again on every iteration. SQLite runs the same changes statement
 by statement (READ_RUN, DECISION_STEPS, SAVE_RUN, SAVE_STEP, INSERT_EVENTS).
+
+The columns a transition's own fields write (SAVE_RUN's, SAVE_STEP's and APPLY's
+step updates) are generated from one field map (app/engine/fields.py, compiled by
+app/store/transition.py), the map app/engine/apply.py follows in memory. The guard,
+claim, lease, tick and timestamp columns are no transition field: written here.
 """
 
 from __future__ import annotations
@@ -20,11 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     BigInteger,
     Boolean,
     ColumnElement,
-    Float,
     Integer,
     Select,
     String,
@@ -49,10 +52,8 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.sql.selectable import TextualSelect
 
 from app.engine.models import ACTIVE_STATUSES, RunSnapshot, RunStatus, Step, StepStatus
+from app.store import transition
 from app.store.schema import UTCDateTime, events, runs, steps
-
-# None must mean SQL NULL here (keep the column), not the JSON value null.
-JsonOrNull = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 NOW = bindparam("p_now", type_=UTCDateTime())
 
@@ -160,22 +161,13 @@ SAVE_RUN = (
         iteration=runs.c.iteration + case((_CLAIM, 1), else_=0),
         started_at=func.coalesce(runs.c.started_at, case((_CLAIM, NOW), else_=null())),
         next_run_at=bindparam("p_next_run_at", type_=UTCDateTime()),
-        status=func.coalesce(bindparam("p_status", type_=String()), runs.c.status),
+        # What the transition itself changes: generated from its field map (a claim
+        # passes RUNNING for a status the transition leaves alone: Tx._run_params).
+        **transition.RUN_SET,
+        # Derived from it, or the guard's and the lease's: written here.
         finished_at=func.coalesce(
             bindparam("p_finished_at", type_=UTCDateTime()), runs.c.finished_at
         ),
-        plan_version=func.coalesce(
-            bindparam("p_plan_version", type_=Integer()), runs.c.plan_version
-        ),
-        replans=runs.c.replans + bindparam("p_replans_delta", type_=Integer()),
-        planner_failures=func.coalesce(
-            bindparam("p_planner_failures", type_=Integer()), runs.c.planner_failures
-        ),
-        context=func.coalesce(bindparam("p_context", type_=JsonOrNull), runs.c.context),
-        tokens_total=runs.c.tokens_total + bindparam("p_tokens_delta", type_=BigInteger()),
-        cost_usd=runs.c.cost_usd + bindparam("p_cost_delta", type_=Float()),
-        report=func.coalesce(bindparam("p_report", type_=Text()), runs.c.report),
-        error=func.coalesce(bindparam("p_error", type_=Text()), runs.c.error),
         lease_owner=case((_RELEASE, null()), else_=func.coalesce(_CLAIMANT, runs.c.lease_owner)),
         # NULL when the lease is released, else the (possibly extended) expiry.
         lease_expires_at=bindparam("p_lease_until", type_=UTCDateTime()),
@@ -194,21 +186,7 @@ SAVE_STEP = (
     )
     .values(
         updated_at=NOW,
-        status=func.coalesce(bindparam("p_status", type_=String()), steps.c.status),
-        attempts=func.coalesce(bindparam("p_attempts", type_=Integer()), steps.c.attempts),
-        error_class=func.coalesce(bindparam("p_error_class", type_=String()), steps.c.error_class),
-        args=func.coalesce(bindparam("p_args", type_=JsonOrNull), steps.c.args),
-        approved_args_hash=func.coalesce(
-            bindparam("p_approved_args_hash", type_=String()), steps.c.approved_args_hash
-        ),
-        result=case(
-            (bindparam("p_set_result", type_=Boolean()), bindparam("p_result", type_=JsonOrNull)),
-            else_=steps.c.result,
-        ),
-        error=case(
-            (bindparam("p_set_error", type_=Boolean()), bindparam("p_error", type_=Text())),
-            else_=steps.c.error,
-        ),
+        **transition.STEP_SET,  # generated from the transition's field map
     )
 )
 
@@ -222,19 +200,7 @@ def _json_rows(name: str, *columns: Any) -> Any:
 
 
 _saved = SAVE_RUN.cte("saved_run")
-_updates = _json_rows(
-    "p_step_updates",
-    column("step_id", BigInteger()),
-    column("status", String()),
-    column("attempts", Integer()),
-    column("error_class", String()),
-    column("args", JSONB()),
-    column("approved_args_hash", String()),
-    column("set_result", Boolean()),
-    column("result", JSONB()),
-    column("set_error", Boolean()),
-    column("error", Text()),
-)
+_updates = _json_rows("p_step_updates", *transition.STEP_RECORDSET_COLUMNS)
 _new_events = _json_rows(
     "p_events",
     column("step_id", BigInteger()),
@@ -251,13 +217,8 @@ _saved_steps = (
     )
     .values(
         updated_at=NOW,
-        status=func.coalesce(_updates.c.status, steps.c.status),
-        attempts=func.coalesce(_updates.c.attempts, steps.c.attempts),
-        error_class=func.coalesce(_updates.c.error_class, steps.c.error_class),
-        args=func.coalesce(_updates.c.args, steps.c.args),
-        approved_args_hash=func.coalesce(_updates.c.approved_args_hash, steps.c.approved_args_hash),
-        result=case((_updates.c.set_result, _updates.c.result), else_=steps.c.result),
-        error=case((_updates.c.set_error, _updates.c.error), else_=steps.c.error),
+        # The same SET clauses as SAVE_STEP's, reading the recordset's columns.
+        **transition.step_set(lambda name, _type: _updates.c[name]),
     )
     .cte("saved_steps")
 )

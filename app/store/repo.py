@@ -41,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from app.engine.actions import HumanRequest, NewEvent, StepUpdate, Transition
+from app.engine.fields import new_step_columns
 from app.engine.models import (
     ACTIVE_STATUSES,
     RunConfig,
@@ -48,10 +49,10 @@ from app.engine.models import (
     RunStatus,
     Step,
     StepStatus,
-    idempotency_key,
 )
 from app.errors import NotFound
 from app.store import hot
+from app.store import transition as transition_sql
 from app.store.schema import approvals, events, runs, steps
 
 log = logging.getLogger(__name__)
@@ -434,7 +435,7 @@ class Tx:
             {
                 **params,
                 "p_iteration": run.iteration,
-                "p_step_updates": [u.model_dump() for u in t.step_updates],
+                "p_step_updates": transition_sql.step_rows(t.step_updates),
                 "p_events": [e.model_dump() for e in t.events],
             },
         ).scalar()
@@ -473,17 +474,11 @@ class Tx:
             "p_claimant": guard.claimant,
             "p_now": now,
             "p_next_run_at": next_run_at,
+            # What `t` changes, by its field map; a claim sets a run running unless `t`
+            # says otherwise (as StoredRun.as_claimed does in memory).
+            **transition_sql.run_params(run, t),
             "p_status": t.status or (RunStatus.RUNNING if claiming else None),
             "p_finished_at": now if t.status is not None and t.status.is_terminal else None,
-            "p_plan_version": t.new_plan_version,
-            "p_replans_delta": t.replans_delta,
-            "p_planner_failures": t.planner_failures,
-            # The context is rewritten only when a tool changed it.
-            "p_context": {**run.context, **t.context_updates} if t.context_updates else None,
-            "p_tokens_delta": t.tokens_delta,
-            "p_cost_delta": t.cost_delta,
-            "p_report": t.report,
-            "p_error": t.error,
             "p_release": lease_until is None,
             "p_lease_until": lease_until,
             # A claim, or resuming a paused run: a new tick makes any message still in
@@ -614,15 +609,7 @@ class Tx:
                 "p_step_id": u.step_id,
                 "p_run_id": run_id,
                 "p_now": now,
-                "p_status": u.status,
-                "p_attempts": u.attempts,
-                "p_error_class": u.error_class,
-                "p_args": u.args,
-                "p_approved_args_hash": u.approved_args_hash,
-                "p_set_result": u.set_result,
-                "p_result": u.result,
-                "p_set_error": u.set_error,
-                "p_error": u.error,
+                **transition_sql.step_params(u),
             },
         )
 
@@ -634,15 +621,9 @@ class Tx:
         rows = [
             {
                 "run_id": run.id,
-                "plan_version": t.new_plan_version,
-                "position": last + i,
-                "description": planned.description,
-                "tool": planned.tool,
-                "args": planned.args,
-                "status": StepStatus.PENDING,
-                "attempts": 0,
-                "idempotency_key": idempotency_key(run.id, t.new_plan_version, last + i),
-                "approved_args_hash": t.carried_approvals.get(i - 1),
+                **new_step_columns(
+                    run.id, t.new_plan_version, last + i, planned, t.carried_approvals.get(i - 1)
+                ),
                 "created_at": now,
                 "updated_at": now,
             }
