@@ -15,6 +15,8 @@ from app.config import ConfigError, Settings, load_settings, redact_url
 from app.engine.models import Decision
 from app.errors import NotFound
 from app.service import AgentService, ServiceError
+from app.service.permissions import Actor
+from app.store.accounts import AccountError, Accounts, Role, User
 from app.store.repo import StoreUnavailable
 from app.timeline import format_event, format_run_header, format_step
 
@@ -126,7 +128,7 @@ def run(
     }
     config.update({k: v for k, v in options.items() if v is not None})
     run_id = service.create_run(
-        task, config=config, created_by=_whoami(), idempotency_key=idempotency_key
+        task, config=config, created_by=_actor(service), idempotency_key=idempotency_key
     )
     view = service.status(run_id)
     click.echo(f"run {run_id} created (planner: {view.run.planner})")
@@ -166,7 +168,7 @@ def approve(run_id: str, args_json: str | None, comment: str) -> None:
     """Approve the step a paused run waits on."""
     _, service = connect()
     args = _parse_json(args_json, "--args") if args_json else None
-    service.approve(run_id, by=_whoami(), args=args, comment=comment)
+    service.approve(run_id, by=_actor(service), args=args, comment=comment, channel="cli")
     click.echo(f"approved; run {run_id} resumes")
 
 
@@ -177,7 +179,7 @@ def approve(run_id: str, args_json: str | None, comment: str) -> None:
 def reject(run_id: str, reason: str) -> None:
     """Reject the step a paused run waits on."""
     _, service = connect()
-    service.reject(run_id, by=_whoami(), reason=reason)
+    service.reject(run_id, by=_actor(service), reason=reason, channel="cli")
     click.echo(f"rejected; run {run_id} re-plans")
 
 
@@ -190,7 +192,7 @@ def resolve(run_id: str, decision: str, comment: str) -> None:
     """Decide about a step whose outcome is unknown (its worker died mid-tool)."""
     _, service = connect()
     chosen = Decision.MARK_DONE if decision == "done" else Decision(decision)
-    service.decide(run_id, chosen, by=_whoami(), comment=comment)
+    service.decide(run_id, chosen, by=_actor(service), comment=comment, channel="cli")
     click.echo(f"{decision}; run {run_id} resumes")
 
 
@@ -200,7 +202,7 @@ def resolve(run_id: str, decision: str, comment: str) -> None:
 def cancel(run_id: str) -> None:
     """Cancel a queued, running or paused run."""
     _, service = connect(broker=False)
-    service.cancel(run_id, by=_whoami())
+    service.cancel(run_id, by=_actor(service))
     click.echo(f"run {run_id} cancelled")
 
 
@@ -260,6 +262,19 @@ def _parse_json(text: str, option: str) -> dict[str, Any]:
     return value
 
 
+def _actor(service: AgentService) -> Actor:
+    """The person at the terminal. With AGENTLOOP_USER: that user, with their role (and
+    four eyes). Otherwise this machine's account, as an admin: whoever can reach the
+    database can do anything anyway — but still not approve a run they started."""
+    name = os.environ.get("AGENTLOOP_USER")
+    if not name:
+        return Actor(name=_whoami(), role=Role.ADMIN)
+    found = Accounts(service.store.engine).by_name(name)
+    if found is None or found.disabled:
+        raise ConfigError(f"AGENTLOOP_USER={name} names no enabled user (`agentloop user list`)")
+    return Actor.of(found)
+
+
 def _whoami() -> str:
     return os.environ.get("AGENTLOOP_USER") or os.environ.get("USER") or "cli"
 
@@ -273,6 +288,13 @@ def user() -> None:
 @click.argument("name")
 @click.option("--email", default=None, help="Where approval emails for NAME are sent.")
 @click.option(
+    "--role",
+    type=click.Choice([r.value for r in Role]),
+    default=Role.OPERATOR.value,
+    show_default=True,
+    help="viewer: read; operator: create and cancel own runs; approver: decide; admin: all.",
+)
+@click.option(
     "--password",
     prompt=True,
     hide_input=True,
@@ -282,36 +304,138 @@ def user() -> None:
 )
 @click.option("--token/--no-token", default=False, help="Also create and print an API token.")
 @friendly_errors
-def user_add(name: str, email: str | None, password: str, token: bool) -> None:
+def user_add(name: str, email: str | None, role: str, password: str, token: bool) -> None:
     """Create a user who can sign in (passwords are stored hashed)."""
-    from app.store.accounts import AccountError, Accounts
-
-    _, service = connect(broker=False)
-    accounts = Accounts(service.store.engine)
-    try:
-        created = accounts.add_user(name, password, email=email)
-    except AccountError as exc:
-        raise ConfigError(str(exc)) from None
-    click.echo(f"user {created.name} created" + (f" <{created.email}>" if created.email else ""))
+    accounts = _accounts()
+    created = _account_change(
+        lambda: accounts.add_user(name, password, email=email, role=Role(role), by=_whoami())
+    )
+    shown = f" <{created.email}>" if created.email else ""
+    click.echo(f"user {created.name}{shown} created ({created.role})")
     if token:
         click.echo("API token (shown once; send it as 'Authorization: Bearer TOKEN'):")
-        click.echo(accounts.issue_token(created.id, label="created with user add"))
+        click.echo(accounts.issue_token(created.id, label="created with user add", by=_whoami()))
 
 
-@user.command("token")
+@user.command("list")
+@friendly_errors
+def user_list() -> None:
+    """Every user, with role and state."""
+    for found in _accounts().list_users():
+        state = "disabled" if found.disabled else "enabled"
+        click.echo(f"{found.name:<24} {found.role:<9} {state:<9} {found.email or ''}")
+
+
+@user.command("role")
+@click.argument("name")
+@click.argument("role", type=click.Choice([r.value for r in Role]))
+@friendly_errors
+def user_role(name: str, role: str) -> None:
+    """Give NAME another role."""
+    changed = _account_change(lambda: _accounts().set_role(name, Role(role), by=_whoami()))
+    click.echo(f"user {changed.name} is now {changed.role}")
+
+
+@user.command("disable")
+@click.argument("name")
+@friendly_errors
+def user_disable(name: str) -> None:
+    """Disable NAME: their sessions and API tokens stop working at once."""
+    _account_change(lambda: _accounts().set_disabled(name, True, by=_whoami()))
+    click.echo(f"user {name} is disabled; their sessions and tokens no longer work")
+
+
+@user.command("enable")
+@click.argument("name")
+@friendly_errors
+def user_enable(name: str) -> None:
+    """Enable NAME again (they sign in anew)."""
+    _account_change(lambda: _accounts().set_disabled(name, False, by=_whoami()))
+    click.echo(f"user {name} is enabled")
+
+
+@user.command("password")
+@click.argument("name")
+@click.option(
+    "--password",
+    prompt="New password",
+    hide_input=True,
+    confirmation_prompt=True,
+    envvar="AGENTLOOP_NEW_PASSWORD",
+    help="Prompted for when not given (or set AGENTLOOP_NEW_PASSWORD).",
+)
+@friendly_errors
+def user_password(name: str, password: str) -> None:
+    """Set NAME's password; every session signed in with the old one ends."""
+    _account_change(lambda: _accounts().set_password(name, password, by=_whoami()))
+    click.echo(f"password of {name} changed; their earlier sessions have ended")
+
+
+@user.group("token")
+def user_token() -> None:
+    """API tokens: create, list, revoke."""
+
+
+@user_token.command("create")
 @click.argument("name")
 @click.option("--label", default="cli", help="What the token is for.")
 @friendly_errors
-def user_token(name: str, label: str) -> None:
-    """Create and print a new API token for an existing user."""
-    from app.store.accounts import Accounts
+def token_create(name: str, label: str) -> None:
+    """Create and print a new API token for NAME (shown once)."""
+    accounts = _accounts()
+    found = _existing(accounts, name)
+    click.echo(accounts.issue_token(found.id, label=label, by=_whoami()))
 
+
+@user_token.command("list")
+@click.argument("name")
+@friendly_errors
+def token_list(name: str) -> None:
+    """NAME's tokens (their ids, labels and last use; never the tokens)."""
+    accounts = _accounts()
+    _existing(accounts, name)
+    for token in accounts.tokens(name):
+        used = f"{token.last_used_at:%Y-%m-%d %H:%M} UTC" if token.last_used_at else "never"
+        click.echo(f"{token.id:>6}  {token.label:<30} created {token.created_at:%Y-%m-%d}, "
+                   f"last used {used}")  # fmt: skip
+
+
+@user_token.command("revoke")
+@click.argument("name")
+@click.option("--id", "token_id", type=int, default=None, help="One token (see `token list`).")
+@click.option("--all", "every", is_flag=True, help="Every token of NAME.")
+@friendly_errors
+def token_revoke(name: str, token_id: int | None, every: bool) -> None:
+    """Revoke NAME's token --id N, or --all of them: they stop working at once."""
+    if (token_id is None) == (not every):
+        raise ConfigError("say which: --id N (see `agentloop user token list NAME`) or --all")
+    revoked = _account_change(
+        lambda: _accounts().revoke_tokens(name, token_id=token_id, by=_whoami())
+    )
+    click.echo(f"{revoked} token(s) of {name} revoked")
+
+
+def _accounts() -> Accounts:
     _, service = connect(broker=False)
-    accounts = Accounts(service.store.engine)
+    return Accounts(service.store.engine)
+
+
+def _existing(accounts: Accounts, name: str) -> User:
     found = accounts.by_name(name)
     if found is None:
         raise NotFound(f"no user named {name!r}; create one with `agentloop user add {name}`")
-    click.echo(accounts.issue_token(found.id, label=label))
+    return found
+
+
+T = TypeVar("T")
+
+
+def _account_change(change: Callable[[], T]) -> T:
+    """Run an account change; its refusal is one line, exit status 2."""
+    try:
+        return change()
+    except AccountError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -70,8 +70,11 @@ class Settings(BaseSettings):
     smtp_port: int = Field(25, ge=1, le=65535)
     smtp_from: str = "agentloop@localhost"
     smtp_timeout: float = Field(10.0, gt=0, le=120)
-    # Approvers (comma-separated emails or user names) for runs whose config names none.
+    # Approvers (comma-separated emails or user names) of every run: a floor that a
+    # run's config may add to, never replace.
     approvers: str = ""
+    # Whether the person who started a run may approve its steps (four eyes: no).
+    allow_self_approval: bool = False
     # How long an approval waits (and an approval link stays valid), in seconds.
     approval_ttl: float = Field(24 * 3600.0, gt=0, le=30 * 24 * 3600)
     # What the beat task does with an approval nobody decided in time.

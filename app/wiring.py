@@ -7,6 +7,7 @@ from pathlib import Path
 from app.config import Settings
 from app.planner.factory import PlannerFactory, default_planner_kind
 from app.service import AgentService, Dispatcher, Notifier
+from app.service.permissions import ApprovalPolicy
 from app.store.repo import DatabaseClock, Store, make_engine
 from app.tools.registry import load_registry
 
@@ -40,4 +41,8 @@ def build_service(settings: Settings, dispatcher: Dispatcher, notifier: Notifier
         sweep_grace=settings.sweep_grace,
         nudge_timeout=settings.nudge_timeout,
         clock=DatabaseClock(store),
+        policy=ApprovalPolicy(
+            approvers=settings.default_approvers,
+            allow_self_approval=settings.allow_self_approval,
+        ),
     )

@@ -84,7 +84,7 @@ def test_user_add_from_the_cli_prompts_and_prints_a_token(database_url, accounts
         input=f"{PASSWORD}\n{PASSWORD}\n",
     )
     assert result.exit_code == 0, result.output
-    assert f"user {name} created" in result.output
+    assert f"user {name} <{name}@example.com> created (operator)" in result.output
     token = result.output.strip().splitlines()[-1]
     found = accounts.user_for_token(token)
     assert found is not None and found.name == name
@@ -100,8 +100,10 @@ def test_user_add_explains_a_refusal_in_one_line(database_url):
 
 def test_user_token_creates_another_token(database_url, accounts: Accounts):
     created = accounts.add_user(unique(), PASSWORD)
-    result = CliRunner().invoke(main, ["user", "token", created.name, "--label", "deploy bot"])
+    result = CliRunner().invoke(
+        main, ["user", "token", "create", created.name, "--label", "deploy bot"]
+    )
     assert result.exit_code == 0, result.output
     assert accounts.user_for_token(result.output.strip()) == created
-    missing = CliRunner().invoke(main, ["user", "token", unique("ghost")])
+    missing = CliRunner().invoke(main, ["user", "token", "create", unique("ghost")])
     assert missing.exit_code == 2 and "no user named" in missing.output

@@ -160,10 +160,12 @@ def test_reject_needs_a_reason(api, harness: Harness):
 def test_only_approvers_may_decide_a_run_that_names_them(
     api, client: FlaskClient, harness: Harness, accounts: Accounts, make_user
 ):
-    run_id = paused(harness, approvers=["the-boss"])
-    response = api("POST", f"/api/runs/{run_id}/approve")
-    assert response.status_code == 403 and "not an approver" in response.json["error"]
     boss = make_user("boss")
+    run_id = paused(harness, approvers=[boss.name])
+    response = api("POST", f"/api/runs/{run_id}/approve")
+    assert (
+        response.status_code == 403 and "not one of this run's approvers" in response.json["error"]
+    )
     run_id = paused(harness, approvers=[boss.email])  # named by email, signs in by name
     token = accounts.issue_token(boss.id)
     response = client.post(
@@ -173,7 +175,7 @@ def test_only_approvers_may_decide_a_run_that_names_them(
 
 
 def test_cancel_then_cancel_again_is_a_409(api, harness: Harness):
-    run_id = harness.service.create_run("cancel via api")
+    run_id = api("POST", "/api/runs", {"task": "cancel via api"}).json["id"]
     cancelled = api("POST", f"/api/runs/{run_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json["status"] == "cancelled"
     again = api("POST", f"/api/runs/{run_id}/cancel")

@@ -96,15 +96,20 @@ def test_sign_out_needs_the_form(signed_in: FlaskClient):
 # --- a new run ------------------------------------------------------------------------
 
 
-def test_the_form_starts_a_run_with_its_options(signed_in: FlaskClient, harness: Harness, user):
-    response = post_form(signed_in, "/runs/new", {**FORM, "approvers": "bob, carol@example.com"})
+def test_the_form_starts_a_run_with_its_options(
+    signed_in: FlaskClient, harness: Harness, user, make_user
+):
+    bob = make_user("bob")
+    response = post_form(
+        signed_in, "/runs/new", {**FORM, "approvers": f"{bob.name}, carol@example.com"}
+    )
     assert response.status_code == 302
     run_id = response.headers["Location"].rsplit("/", 1)[-1]
     run = harness.service.status(run_id).run
     assert run.created_by == user.name
     assert run.config["max_iterations"] == 20
     assert run.config["retry_policy"]["max_retries"] == 2
-    assert run.config["approvers"] == ["bob", "carol@example.com"]
+    assert run.config["approvers"] == [bob.name, "carol@example.com"]
     assert run.config["approval_required"] == ["deploy"]
 
 
@@ -282,14 +287,14 @@ def test_a_decision_without_the_csrf_token_changes_nothing(signed_in, harness: H
 
 
 def test_only_the_named_approvers_may_decide(signed_in, harness: Harness, make_user):
-    run_id = paused_run(harness, approvers=["somebody-else"])
+    run_id = paused_run(harness, approvers=[make_user("somebody-else").name])
     assert "Only the run's approvers may decide" in signed_in.get(f"/runs/{run_id}").text
     assert decide(signed_in, run_id, harness, action="approve").status_code == 403
     assert harness.service.status(run_id).run.status == RunStatus.PAUSED
 
 
-def test_cancel_from_the_run_page(signed_in, harness: Harness):
-    run_id = harness.service.create_run("cancel me")
+def test_cancel_from_the_run_page(signed_in, harness: Harness, user):
+    run_id = harness.service.create_run("cancel me", created_by=user.name)
     response = post_form(signed_in, f"/runs/{run_id}/cancel", {}, page=f"/runs/{run_id}")
     assert response.status_code == 302
     assert harness.service.status(run_id).run.status == RunStatus.CANCELLED

@@ -8,13 +8,15 @@ from sqlalchemy import Row
 
 from app.config import Settings
 from app.engine.models import RunConfig
+from app.service.permissions import ApprovalPolicy
 from app.store.accounts import Accounts
 
 
 def approvers_of(run: Row[Any], settings: Settings) -> tuple[str, ...]:
-    """The run's approvers (user names or emails); the settings' default when it names none."""
-    config = RunConfig.from_stored(run.config)
-    return config.approvers or settings.default_approvers
+    """The run's approvers (user names or emails): the deployment's, and those the run
+    adds (the service's own rule: ApprovalPolicy)."""
+    policy = ApprovalPolicy(approvers=settings.default_approvers)
+    return policy.approvers_of(RunConfig.from_stored(run.config).approvers)
 
 
 def resolve_emails(names: tuple[str, ...], accounts: Accounts) -> tuple[dict[str, str], list[str]]:

@@ -21,6 +21,7 @@ from app.engine.models import EventKind, RunSnapshot
 from app.engine.redact import redact, secret_values
 from app.errors import NotFound
 from app.service.inputs import MAX_RUN_ID_CHARS
+from app.service.permissions import ApprovalPolicy
 from app.service.ports import Dispatcher, Notifier, PlannerFactory, notice_for
 from app.store.repo import Guard, Store, Tx
 from app.tools.registry import ToolRegistry
@@ -60,6 +61,9 @@ class ServiceBase:
     lease_grace: float = 30.0
     llm_timeout: float = 120.0
     sweep_grace: float = 30.0
+    # Who approves any run (a run may add approvers), and whether a run's creator
+    # may approve its own steps.
+    policy: ApprovalPolicy = field(default_factory=ApprovalPolicy)
     # How long a nudge may wait in the queue before the sweep takes it for lost.
     nudge_timeout: float = 120.0
     # Time that decides ownership (leases, due times) must be the database's: wiring

@@ -12,12 +12,20 @@ from typing import Any
 from sqlalchemy import Row
 
 from app.engine import sanitize
-from app.engine.actions import Transition
+from app.engine.actions import NewEvent, Transition
 from app.engine.machine import fail, fold_decision
-from app.engine.models import DECISIONS_FOR, Decision, EventKind, PauseKind, RunStatus
+from app.engine.models import DECISIONS_FOR, Decision, EventKind, PauseKind, RunConfig, RunStatus
 from app.errors import Conflict, InvalidInput, NotFound
-from app.service.base import ServiceBase, status_event
+from app.service.base import ServiceBase
 from app.service.inputs import check_json, check_text
+from app.service.permissions import (
+    Actor,
+    cancel_refused,
+    decision_refused,
+    name_of,
+    require_cancel,
+    require_decision,
+)
 from app.store.repo import Guard, snapshot_from_row
 
 log = logging.getLogger(__name__)
@@ -28,7 +36,7 @@ class Decisions(ServiceBase):
         self,
         run_id: str,
         *,
-        by: str,
+        by: Actor | str,
         args: Mapping[str, Any] | None = None,
         comment: str = "",
         approval_id: str | None = None,
@@ -50,7 +58,7 @@ class Decisions(ServiceBase):
         self,
         run_id: str,
         *,
-        by: str,
+        by: Actor | str,
         reason: str,
         approval_id: str | None = None,
         channel: str | None = None,
@@ -71,7 +79,7 @@ class Decisions(ServiceBase):
         run_id: str,
         decision: Decision,
         *,
-        by: str,
+        by: Actor | str,
         comment: str = "",
         edited_args: Mapping[str, Any] | None = None,
         approval_id: str | None = None,
@@ -79,7 +87,8 @@ class Decisions(ServiceBase):
     ) -> None:
         """Record a person's decision on a paused run, exactly once, and resume it.
 
-        `channel` (web, email, api, cli) is kept in the audit event with who decided."""
+        `channel` (web, email, api, cli) is kept in the audit event with who decided.
+        Raises NotFound, Conflict, InvalidInput, Forbidden (see permissions)."""
         check_text(comment, "the comment")
         if edited_args is not None:
             check_json(dict(edited_args), "args")
@@ -91,6 +100,8 @@ class Decisions(ServiceBase):
             pending = tx.get_approval(approval_id) if approval_id else tx.pending_approval(run_id)
             if pending is None or pending.run_id != run_id or pending.status != "pending":
                 raise Conflict(self._why_not_pending(row, pending))
+            self._require_decision(by, row)
+            who = name_of(by)
             kind = PauseKind(pending.kind)
             if decision not in DECISIONS_FOR[kind]:
                 allowed = ", ".join(sorted(DECISIONS_FOR[kind]))
@@ -103,7 +114,7 @@ class Decisions(ServiceBase):
             decided = tx.decide_approval(
                 pending.id,
                 decision=decision,
-                by=by,
+                by=who,
                 comment=comment,
                 edited_args=dict(edited_args) if edited_args is not None else None,
                 now=now,
@@ -114,7 +125,7 @@ class Decisions(ServiceBase):
                 step,
                 kind,
                 decision,
-                by=by,
+                by=who,
                 context=row.context or {},
                 reason=comment,
                 edited_args=dict(edited_args) if edited_args is not None else None,
@@ -129,6 +140,27 @@ class Decisions(ServiceBase):
                 raise Conflict(f"run {run_id} is no longer paused")
         self._after_commit(run_id, tick, transition)
 
+    def approvers_of(self, run: Any) -> tuple[str, ...]:
+        """Who decides on `run`: the deployment's approvers and those the run adds."""
+        return self.policy.approvers_of(RunConfig.from_stored(run.config).approvers)
+
+    def may_decide(self, by: Actor, run: Any) -> bool:
+        """Whether `by` may decide on `run` (for pages: show only usable buttons)."""
+        return (
+            decision_refused(
+                by, approvers=self.approvers_of(run), created_by=run.created_by, policy=self.policy
+            )
+            is None
+        )
+
+    def may_cancel(self, by: Actor, run: Any) -> bool:
+        return cancel_refused(by, created_by=run.created_by) is None
+
+    def _require_decision(self, by: Actor | str, run: Any) -> None:
+        require_decision(
+            by, approvers=self.approvers_of(run), created_by=run.created_by, policy=self.policy
+        )
+
     @staticmethod
     def _why_not_pending(row: Row[Any], approval: Row[Any] | None) -> str:
         if approval is not None and approval.status == "decided":
@@ -140,17 +172,20 @@ class Decisions(ServiceBase):
             return f"this approval is {approval.status}"
         return f"run {row.id} is {row.status}, not waiting for a decision"
 
-    def cancel(self, run_id: str, *, by: str) -> None:
-        """Cancel a queued, running or paused run. Raises NotFound, Conflict."""
+    def cancel(self, run_id: str, *, by: Actor | str) -> None:
+        """Cancel a queued, running or paused run. Raises NotFound, Conflict, Forbidden
+        (an operator cancels only their own runs)."""
         now = self.clock()
+        who = name_of(by)
         with self.store.transaction() as tx:
             row = tx.lock_run(self._known_id(run_id))  # the run row first: one lock order
+            require_cancel(by, created_by=row.created_by)
             active = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.PAUSED)
             if (
                 tx.set_status(
                     run_id,
                     RunStatus.CANCELLED,
-                    error=f"cancelled by {by}",
+                    error=f"cancelled by {who}",
                     now=now,
                     only_from=active,
                 )
@@ -158,7 +193,10 @@ class Decisions(ServiceBase):
             ):
                 raise Conflict(f"run {run_id} is {row.status}; only an active run can be cancelled")
             tx.close_approvals(run_id, "cancelled")
-            tx.insert_events(run_id, row.iteration, [status_event(f"run cancelled by {by}")], now)
+            cancelled = NewEvent(
+                kind=EventKind.STATUS, message=f"run cancelled by {who}", data={"by": who}
+            )
+            tx.insert_events(run_id, row.iteration, [cancelled], now)
 
     def expire_approvals(self, *, ttl: float, policy: str) -> int:
         """Settle approvals nobody decided within `ttl` seconds: "reject" (the agent

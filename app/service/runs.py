@@ -21,6 +21,8 @@ from app.engine.models import (
 from app.errors import Conflict, InvalidInput
 from app.service.base import ServiceBase, status_event
 from app.service.inputs import check_json, check_text, scoped_key
+from app.service.permissions import Actor, name_of, require_role
+from app.store.accounts import Accounts, Role
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ class Runs(ServiceBase):
         task: str,
         *,
         config: RunConfig | Mapping[str, Any] | None = None,
-        created_by: str | None = None,
+        created_by: Actor | str | None = None,
         idempotency_key: str | None = None,
     ) -> str:
         """Store a new run and enqueue its first iteration; returns its id.
@@ -39,7 +41,11 @@ class Runs(ServiceBase):
         With an `idempotency_key`, a retry of the same request by the same creator
         returns the run the first one made (and a different request with that key is
         a Conflict). Once the run is stored, nothing fails the call: a failed publish
-        is logged and the sweep starts the run. Raises InvalidInput, Conflict."""
+        is logged and the sweep starts the run. Raises InvalidInput, Conflict,
+        Forbidden (creating runs takes the operator role)."""
+        if created_by is not None:
+            require_role(created_by, Role.OPERATOR, "create runs")
+            created_by = name_of(created_by)
         task = check_text((task or "").strip(), "the task")
         if not task:
             raise InvalidInput("the task is empty: say what the agent should do")
@@ -52,6 +58,12 @@ class Runs(ServiceBase):
         unknown = sorted(set(cfg.approval_required) - known)
         if unknown:
             raise InvalidInput(f"approval_required names unknown tools: {', '.join(unknown)}")
+        # A misspelt approver would leave a run nobody can decide.
+        if strangers := Accounts(self.store.engine).unknown_names(cfg.approvers):
+            raise InvalidInput(
+                f"approvers names no user: {', '.join(strangers)} (give user names of "
+                "`agentloop user list`, or email addresses)"
+            )
         planner = self.default_planner if cfg.planner == "auto" else cfg.planner
         try:
             self.planners(planner)

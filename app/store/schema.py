@@ -162,6 +162,11 @@ users = Table(
     Column("email", String(254)),
     Column("password_hash", Text, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # viewer | operator | approver | admin (migration 0004).
+    Column("role", String(16), nullable=False, server_default="operator"),
+    Column("disabled_at", UTCDateTime),
+    # In every session cookie; bumped to end every session signed in before.
+    Column("session_version", Integer, nullable=False, server_default="1"),
 )
 
 api_tokens = Table(
@@ -174,4 +179,18 @@ api_tokens = Table(
     Column("label", String(120), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("last_used_at", UTCDateTime),
+)
+
+# Who changed whom: roles, passwords, tokens, accounts (migration 0004). Decisions
+# and cancels are in each run's own timeline, with who made them.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("actor", String(120), nullable=False),
+    Column("action", String(40), nullable=False),
+    Column("subject", String(120), nullable=False),
+    Column("detail", Json, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_audit_log_subject", "subject", "id"),
 )

@@ -15,12 +15,12 @@ from sqlalchemy import Row
 
 from app.engine.models import RunStatus
 from app.errors import NotFound
-from app.service import Conflict, InvalidInput, RunView
+from app.service import Conflict, Forbidden, InvalidInput, RunView
+from app.service.permissions import Actor
 from app.store.accounts import User
 from app.web import deps
 from app.web.auth import bearer_user
 from app.web.openapi import openapi_document
-from app.web.runs import may_decide
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -64,6 +64,11 @@ def not_found(error: NotFound) -> ResponseReturnValue:
     return jsonify(error=str(error.args[0]) if error.args else "not found"), 404
 
 
+@bp.errorhandler(Forbidden)
+def forbidden(error: Forbidden) -> ResponseReturnValue:
+    return jsonify(error=str(error)), 403
+
+
 @bp.errorhandler(Conflict)
 def conflict(error: Conflict) -> ResponseReturnValue:
     return jsonify(error=str(error)), 409
@@ -84,7 +89,7 @@ def create() -> ResponseReturnValue:
     run_id = deps.service().create_run(
         _text(body, "task", required=True),
         config=config,
-        created_by=_user().name,
+        created_by=_actor(),
         # A client that retries after a lost answer gets the run it created.
         idempotency_key=request.headers.get("Idempotency-Key"),
     )
@@ -120,12 +125,11 @@ def events(run_id: str) -> ResponseReturnValue:
 @bp.post("/runs/<run_id>/approve")
 def approve(run_id: str) -> ResponseReturnValue:
     body = _body(optional=True)
-    _must_decide(run_id)
     args = body.get("args")
     if args is not None and not isinstance(args, dict):
         raise ApiError(400, "args must be a JSON object")
     deps.service().approve(
-        run_id, by=_user().name, args=args, comment=_text(body, "comment"),
+        run_id, by=_actor(), args=args, comment=_text(body, "comment"),
         approval_id=_text(body, "approval_id") or None, channel="api",
     )  # fmt: skip
     return _state(run_id)
@@ -134,9 +138,8 @@ def approve(run_id: str) -> ResponseReturnValue:
 @bp.post("/runs/<run_id>/reject")
 def reject(run_id: str) -> ResponseReturnValue:
     body = _body()
-    _must_decide(run_id)
     deps.service().reject(
-        run_id, by=_user().name, reason=_text(body, "reason", required=True),
+        run_id, by=_actor(), reason=_text(body, "reason", required=True),
         approval_id=_text(body, "approval_id") or None, channel="api",
     )  # fmt: skip
     return _state(run_id)
@@ -144,7 +147,7 @@ def reject(run_id: str) -> ResponseReturnValue:
 
 @bp.post("/runs/<run_id>/cancel")
 def cancel(run_id: str) -> ResponseReturnValue:
-    deps.service().cancel(run_id, by=_user().name)
+    deps.service().cancel(run_id, by=_actor())
     return _state(run_id)
 
 
@@ -156,9 +159,8 @@ def _user() -> User:
     return user
 
 
-def _must_decide(run_id: str) -> None:
-    if not may_decide(_user(), deps.service().status(run_id).run):
-        raise ApiError(403, f"{_user().name} is not an approver of run {run_id}")
+def _actor() -> Actor:
+    return Actor.of(_user())
 
 
 def _body(*, optional: bool = False) -> dict[str, Any]:

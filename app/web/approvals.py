@@ -15,9 +15,10 @@ from flask.typing import ResponseReturnValue
 
 from app.engine.models import PauseKind, RunStatus
 from app.errors import NotFound
-from app.notify.recipients import approvers_of
 from app.notify.tokens import ApprovalClaim, ExpiredToken, InvalidToken, read_approval
-from app.service import ApprovalView, Conflict, InvalidInput
+from app.service import ApprovalView, Conflict, Forbidden, InvalidInput
+from app.service.permissions import Actor
+from app.store.accounts import Role
 from app.web import deps
 from app.web.forms import DecisionForm, edited_args
 
@@ -56,6 +57,8 @@ def decide(token: str) -> ResponseReturnValue:
         return _page(claim, view, form, 400)
     except Conflict as exc:
         return _problem(Problem(409, "Already decided", f"Nothing was changed: {exc}."))
+    except Forbidden as exc:
+        return _problem(Problem(403, "Not yours to decide", f"Nothing was changed: {exc}."))
     return _no_store(
         make_response(render_template("approvals/done.html", view=view, action=action), 200)
     )
@@ -63,20 +66,30 @@ def decide(token: str) -> ResponseReturnValue:
 
 def _decide(claim: ApprovalClaim, view: ApprovalView, form: DecisionForm) -> str:
     service, run_id = deps.service(), view.run.id
+    # The signed link names the approver it was sent to; the service still checks
+    # that they may decide (still an approver, and not the run's creator).
+    by = Actor(name=claim.approver, role=Role.APPROVER, email=_email_of(claim.approver))
     if form.action.data == "approve":
         args = edited_args(form.args.data, view.step.args)
         service.approve(
-            run_id, by=claim.approver, args=args, approval_id=claim.approval_id,
+            run_id, by=by, args=args, approval_id=claim.approval_id,
             comment=(form.reason.data or "").strip(), channel="email",
         )  # fmt: skip
         return "approved with edited args" if args is not None else "approved"
     if form.action.data == "reject":
         service.reject(
-            run_id, by=claim.approver, reason=form.reason.data or "",
+            run_id, by=by, reason=form.reason.data or "",
             approval_id=claim.approval_id, channel="email",
         )  # fmt: skip
         return "rejected"
     raise InvalidInput("choose approve or reject")
+
+
+def _email_of(approver: str) -> str | None:
+    if "@" in approver:
+        return approver
+    found = deps.accounts().by_name(approver)
+    return found.email if found is not None else None
 
 
 EXPIRED = Problem(
@@ -144,7 +157,7 @@ def _check(claim: ApprovalClaim, view: ApprovalView) -> Problem | None:
         )
     if approval.kind != PauseKind.APPROVAL:
         return Problem(409, "Not an approval", "Decide about this step on the run's page.")
-    if claim.approver not in approvers_of(run, deps.settings()):
+    if claim.approver not in deps.service().approvers_of(run):
         return NOT_YOURS
     # Bound to the exact args the email showed: the approval row's, and the step's now.
     if claim.args_hash != approval.args_hash or view.step.args_hash != claim.args_hash:

@@ -28,8 +28,13 @@ class LoginForm(FlaskForm):  # type: ignore[misc]
 
 @bp.before_app_request
 def load_user() -> None:
-    uid = session.get("uid")
-    g.user = deps.accounts().get(uid) if isinstance(uid, int) else None
+    """The signed-in user, while the session may still act: the user is enabled and
+    has not signed out (or changed password) since it began."""
+    uid, version = session.get("uid"), session.get("ver")
+    if isinstance(uid, int) and isinstance(version, int):
+        g.user = deps.accounts().signed_in(uid, version)
+    else:
+        g.user = None
 
 
 def current_user() -> User | None:
@@ -62,6 +67,7 @@ def login() -> ResponseReturnValue:
         if user is not None:
             session.clear()  # a new session on sign-in: no fixation
             session["uid"] = user.id
+            session["ver"] = user.session_version
             return redirect(safe_next(request.args.get("next")))
         form.password.errors = ["That user name and password do not match."]
     status = 401 if form.is_submitted() else 200
@@ -70,6 +76,10 @@ def login() -> ResponseReturnValue:
 
 @bp.post("/logout")
 def logout() -> ResponseReturnValue:
+    """Sign-out ends the session for good: a copy of the cookie taken before stops
+    working too (the user's session version moves on)."""
+    if (user := current_user()) is not None:
+        deps.accounts().end_sessions(user.id)
     session.clear()
     flash("You are signed out.")
     return redirect(url_for("auth.login"))

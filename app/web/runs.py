@@ -16,12 +16,11 @@ from flask import (
     url_for,
 )
 from flask.typing import ResponseReturnValue
-from sqlalchemy import Row
 
 from app.engine.models import Decision, PauseKind, RunStatus
 from app.errors import NotFound
-from app.notify.recipients import approvers_of
-from app.service import Conflict, InvalidInput, RunView
+from app.service import Conflict, Forbidden, InvalidInput, RunView
+from app.service.permissions import Actor
 from app.store.accounts import User
 from app.web import deps, present
 from app.web.auth import current_user, login_required
@@ -62,8 +61,10 @@ def new() -> ResponseReturnValue:
         if config is not None:
             try:
                 run_id = deps.service().create_run(
-                    form.task.data or "", config=config, created_by=_user().name
+                    form.task.data or "", config=config, created_by=_actor()
                 )
+            except Forbidden as exc:
+                abort(403, str(exc))
             except InvalidInput as exc:
                 _field_for_problem(form, str(exc)).errors.append(str(exc))
             else:
@@ -124,10 +125,10 @@ def decide(run_id: str) -> ResponseReturnValue:
     if not form.validate_on_submit():
         flash("The decision could not be read; nothing was changed.", "error")
         return back
-    if not may_decide(_user(), view.run):
-        abort(403, "Only the run's approvers may decide about it.")
     try:
         _apply_decision(run_id, form, view)
+    except Forbidden as exc:
+        abort(403, str(exc))
     except (InvalidInput, ValueError) as exc:
         flash(f"Nothing was decided: {exc}", "error")
     except Conflict as exc:
@@ -138,7 +139,7 @@ def decide(run_id: str) -> ResponseReturnValue:
 
 
 def _apply_decision(run_id: str, form: DecisionForm, view: RunView) -> None:
-    service, who = deps.service(), _user().name
+    service, who = deps.service(), _actor()
     approval_id = form.approval_id.data or None
     action = form.action.data or ""
     if action == "approve":
@@ -167,7 +168,9 @@ def cancel(run_id: str) -> ResponseReturnValue:
     form = CancelForm()
     if form.validate_on_submit():
         try:
-            deps.service().cancel(run_id, by=_user().name)
+            deps.service().cancel(run_id, by=_actor())
+        except Forbidden as exc:
+            abort(403, str(exc))
         except Conflict as exc:
             flash(f"Not cancelled: {exc}", "error")
         except NotFound:
@@ -186,6 +189,10 @@ def _user() -> User:
     return user
 
 
+def _actor() -> Actor:
+    return Actor.of(_user())
+
+
 def _status(run_id: str, *, after_event: int = 0) -> RunView:
     try:
         return deps.service().status(run_id, after_event=after_event)
@@ -200,11 +207,9 @@ def _pending_step(view: RunView) -> Any:
     return next((s for s in view.steps if s.id == pending.step_id), None)
 
 
-def may_decide(user: User, run: Row[Any]) -> bool:
-    """A run that names approvers (or a deployment with default approvers) is decided
-    only by them; otherwise by anyone signed in."""
-    approvers = approvers_of(run, deps.settings())
-    return not approvers or user.answers_to(approvers)
+def may_decide(user: User, run: Any) -> bool:
+    """Whether `user` may decide on `run` (the service decides, and enforces it)."""
+    return deps.service().may_decide(Actor.of(user), run)
 
 
 def _page_context(view: RunView) -> dict[str, Any]:
@@ -218,8 +223,9 @@ def _page_context(view: RunView) -> dict[str, Any]:
         "pending": pending,
         "pending_step": step,
         "pause_kind": PauseKind(pending.kind) if pending is not None else None,
-        "approvers": approvers_of(view.run, deps.settings()),
+        "approvers": deps.service().approvers_of(view.run),
         "can_decide": may_decide(user, view.run),
+        "can_cancel": deps.service().may_cancel(Actor.of(user), view.run),
         "plans": present.plan_history(view.events, view.steps),
         "history": present.step_history(view.events),
         "state": present.state_key(view.run),

@@ -26,7 +26,7 @@ from flask.testing import FlaskClient
 
 from app.config import load_settings
 from app.service import AgentService
-from app.store.accounts import Accounts, User
+from app.store.accounts import Accounts, Role, User
 from app.store.repo import Store
 from app.web import create_app
 from tests.support.fixtures import Harness, require
@@ -68,9 +68,10 @@ def accounts(store: Store) -> Accounts:
 def make_user(accounts: Accounts) -> Callable[..., User]:
     """Users with unique names (the database is shared by the whole session)."""
 
-    def make(prefix: str = "user", *, email: bool = True) -> User:
+    def make(prefix: str = "user", *, email: bool = True, role: Role = Role.APPROVER) -> User:
         name = f"{prefix}-{token_hex(4)}"
-        return accounts.add_user(name, PASSWORD, email=f"{name}@example.com" if email else None)
+        address = f"{name}@example.com" if email else None
+        return accounts.add_user(name, PASSWORD, email=address, role=role)
 
     return make
 
