@@ -6,6 +6,7 @@ filesystem broker. Set DATABASE_URL / CELERY_BROKER_URL for PostgreSQL / Redis.
 
 from __future__ import annotations
 
+import shlex
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -75,6 +76,14 @@ class Settings(BaseSettings):
     approvers: str = ""
     # Whether the person who started a run may approve its steps (four eyes: no).
     allow_self_approval: bool = False
+    # Shell commands that need no approval, separated by ';' (each a prefix of the
+    # argv: "pytest" allows "pytest -q", not "rm"). Every other command asks a person.
+    safe_commands: str = ""
+
+    @property
+    def safe_command_prefixes(self) -> list[tuple[str, ...]]:
+        return [tuple(shlex.split(c)) for c in self.safe_commands.split(";") if c.strip()]
+
     # How long an approval waits (and an approval link stays valid), in seconds.
     approval_ttl: float = Field(24 * 3600.0, gt=0, le=30 * 24 * 3600)
     # What the beat task does with an approval nobody decided in time.

@@ -22,9 +22,12 @@ def build_service(settings: Settings, dispatcher: Dispatcher, notifier: Notifier
     outbox = (settings.data_dir / "outbox").resolve()
     outbox.mkdir(parents=True, exist_ok=True)
     store = Store(make_engine(settings.resolved_database_url))
+    tools = load_registry(settings.all_tool_modules)
+    if "shell" in tools:
+        tools.declare_safe("shell", [("argv", c) for c in settings.safe_command_prefixes])
     return AgentService(
         store=store,
-        tools=load_registry(settings.all_tool_modules),
+        tools=tools,
         dispatcher=dispatcher,
         notifier=notifier,
         planners=PlannerFactory(settings),

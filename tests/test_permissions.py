@@ -173,3 +173,43 @@ def test_user_management_from_the_cli_is_audited(database_url, accounts: Account
         "token.revoke", "user.enable", "token.issue", "user.disable", "user.role", "user.add",
     ]  # fmt: skip
     assert {e.actor for e in accounts.audit_entries(subject=name)} == {"root-at-terminal"}
+
+
+# --- 7. a command runs only with a person's approval, unless the deployment says so -------
+
+
+def test_shell_and_writing_http_requests_need_approval_unless_declared_safe():
+    from app.engine.machine import needs_approval
+    from app.engine.models import RunConfig, Step
+    from app.tools.builtin import TOOLS
+    from app.tools.registry import ToolRegistry
+
+    tools = ToolRegistry(TOOLS)
+    config = RunConfig(approval_required=())
+
+    def asks(tool: str, **args) -> bool:
+        step = Step(id=1, plan_version=1, position=1, description="d", tool=tool, args=args)
+        return needs_approval(config, step, tools.policies()[tool])
+
+    assert asks("shell", argv=["rm", "-rf", "/"]) and asks("shell", argv=["pytest"])
+    assert asks("http_request", url="https://x.example", method="POST")
+    assert not asks("http_request", url="https://x.example")  # GET by default
+    assert not asks("http_request", url="https://x.example", method="HEAD")
+    tools.declare_safe("shell", [("argv", ("pytest",)), ("argv", ("git", "status"))])
+    assert not asks("shell", argv=["pytest", "-q"]) and not asks("shell", argv=["git", "status"])
+    assert asks("shell", argv=["pytestx"]) and asks("shell", argv=["git", "push"])
+
+
+def test_the_deployment_lists_its_safe_commands(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    from app.config import load_settings
+    from app.wiring import build_service
+    from tests.support.fixtures import RecordingDispatcher, RecordingNotifier
+
+    monkeypatch.setenv("AGENTLOOP_SAFE_COMMANDS", "pytest -q; git status")
+    monkeypatch.setenv("AGENTLOOP_DATA_DIR", str(tmp_path))
+    service = build_service(load_settings(), RecordingDispatcher(), RecordingNotifier())
+    policy = service.tools.policies()["shell"]
+    assert policy.requires_approval
+    assert policy.is_safe_call({"argv": ["pytest", "-q", "tests"]})
+    assert not policy.is_safe_call({"argv": ["pytest"]})  # the whole listed prefix
+    service.store.dispose()

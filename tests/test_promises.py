@@ -374,6 +374,7 @@ def test_hostile_bytes_from_a_model_and_a_tool_are_kept_harmlessly(harness: Harn
             usage=[LlmUsage(model="m", input_tokens=1, output_tokens=1)],
         )
     ]
+    harness.service.tools.declare_safe("shell", [("argv", ("printf",))])
     run_id = harness.service.create_run("odd bytes", config={"approval_required": []})
     harness.drain()
     view = harness.service.status(run_id)

@@ -180,6 +180,7 @@ def test_the_run_page_shows_plans_with_why_they_changed(signed_in, harness: Harn
             steps=[PlannedStep(description="instead", tool="noop")], reasoning="go around"
         ),
     ]
+    harness.service.tools.declare_safe("shell", [("argv", ("false",))])
     run_id = harness.service.create_run("replan please")
     harness.drain()
     page = signed_in.get(f"/runs/{run_id}").text
@@ -318,6 +319,7 @@ def test_script_in_the_task_and_in_tool_output_renders_inert(signed_in, harness:
         ),
         PlanProduced(steps=[PlannedStep(description="done", tool="noop")]),
     ]
+    harness.service.tools.declare_safe("shell", [("argv", ("printf",)), ("argv", ("sh",))])
     run_id = harness.service.create_run(f"task {XSS}")
     harness.drain()
     view = harness.service.status(run_id)

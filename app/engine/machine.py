@@ -62,8 +62,11 @@ def backoff_delay(policy: RetryPolicy, attempt: int, *, jitter_sample: float) ->
 
 
 def needs_approval(config: RunConfig, step: Step, policy: ToolPolicy | None) -> bool:
-    """Approval comes from the run's config and the tool's own flag, never from the plan."""
-    return step.tool in config.approval_required or bool(policy and policy.requires_approval)
+    """Approval comes from the run's config and the tool's own flag (less the calls the
+    deployment declared safe), never from the plan."""
+    if step.tool in config.approval_required:
+        return True
+    return policy is not None and policy.requires_approval and not policy.is_safe_call(step.args)
 
 
 def over_budget(run: RunSnapshot) -> str | None:

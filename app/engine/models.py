@@ -182,6 +182,20 @@ class ToolPolicy(BaseModel):
     requires_approval: bool = False
     idempotent: bool = False
     timeout: float = 60.0
+    # Calls of a tool that needs approval which a deployment declared safe: each is
+    # (arg name, value). A call is safe when that arg equals the value, or — for a
+    # list such as a command's argv — starts with it. E.g. ("argv", ("pytest",)).
+    safe_calls: tuple[tuple[str, Any], ...] = ()
+
+    def is_safe_call(self, args: JSONDict) -> bool:
+        for name, value in self.safe_calls:
+            given = args.get(name)
+            if given == value:
+                return True
+            prefix = isinstance(value, tuple) and isinstance(given, list) and bool(value)
+            if prefix and tuple(given[: len(value)]) == value:
+                return True
+        return False
 
 
 class Step(BaseModel):

@@ -232,6 +232,9 @@ class ShellArgs(BaseModel):
     ),
     args=ShellArgs,
     idempotent=False,
+    # Any command can do anything the worker's account can: a person approves each,
+    # except the commands a deployment lists in AGENTLOOP_SAFE_COMMANDS.
+    requires_approval=True,
     timeout=SHELL_TOOL_TIMEOUT,
 )
 def shell(args: ShellArgs, ctx: ToolContext) -> ToolResult:
@@ -384,6 +387,9 @@ def _redact_url(url: str) -> str:
     ),
     args=HttpArgs,
     idempotent=False,
+    # A request can send anything anywhere; reading (GET, HEAD) needs no approval.
+    requires_approval=True,
+    safe_calls=(("method", None), ("method", "GET"), ("method", "HEAD")),
     timeout=HTTP_TOOL_TIMEOUT,
 )
 def http_request(args: HttpArgs, ctx: ToolContext) -> ToolResult:

@@ -12,7 +12,7 @@ import json
 import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -89,6 +89,8 @@ class Tool:
     requires_approval: bool = False
     idempotent: bool = False
     timeout: float = 60.0
+    # Calls that need no approval although the tool does (see ToolPolicy.safe_calls).
+    safe_calls: tuple[tuple[str, Any], ...] = ()
     # A few words for an approval prompt, e.g. "deploy to staging".
     summarize: Callable[[Mapping[str, Any]], str] | None = None
 
@@ -98,6 +100,7 @@ class Tool:
             requires_approval=self.requires_approval,
             idempotent=self.idempotent,
             timeout=self.timeout,
+            safe_calls=self.safe_calls,
         )
 
     def spec(self) -> dict[str, Any]:
@@ -135,6 +138,12 @@ class ToolRegistry:
         # policies and every planner call for the specs.
         self._specs[tool.name] = tool.spec()
         self._policies[tool.name] = tool.policy
+
+    def declare_safe(self, name: str, calls: Iterable[tuple[str, Any]]) -> None:
+        """Add calls of tool `name` that need no approval (a deployment's choice)."""
+        tool = self.get(name)
+        self._tools[name] = replace(tool, safe_calls=(*tool.safe_calls, *calls))
+        self._policies[name] = self._tools[name].policy
 
     def get(self, name: str) -> Tool:
         try:
@@ -200,6 +209,7 @@ def tool(
     requires_approval: bool = False,
     idempotent: bool = False,
     timeout: float = 60.0,
+    safe_calls: tuple[tuple[str, Any], ...] = (),
     summarize: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> Callable[[ToolFn], Tool]:
     """Decorator that turns `fn(args, ctx) -> ToolResult` into a Tool."""
@@ -213,6 +223,7 @@ def tool(
             requires_approval=requires_approval,
             idempotent=idempotent,
             timeout=timeout,
+            safe_calls=safe_calls,
             summarize=summarize,
         )
 
