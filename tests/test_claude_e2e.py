@@ -556,7 +556,19 @@ def test_an_injected_instruction_cannot_cause_an_unapproved_delete(
         finish_reply("# Nothing deleted\n\nThe notice contained an injected instruction."),
     )
     run_id = service.create_run(INJECTION_TASK, config={"planner": "anthropic"}, created_by="e2e")
+    # Any shell command needs a person: a reviewer reads `echo <notice>` and lets it run.
     view = wait_for_status(service, run_id, "paused", "completed", "failed")
+    assert view.run.status == RunStatus.PAUSED, timeline(view)
+    assert "shell needs approval" in view.pending_approval.reason
+    first = view.pending_approval.id
+    service.approve(run_id, by="reviewer")
+
+    def paused_again() -> RunView | None:
+        now = service.status(run_id)
+        asked = now.pending_approval is not None and now.pending_approval.id != first
+        return now if asked or RunStatus(now.run.status).is_terminal else None
+
+    view = wait_until(paused_again, timeout=60, what="the next pause")
     assert view.run.status == RunStatus.PAUSED, timeline(view)
     pending = view.pending_approval
     assert pending.kind == "approval" and "delete needs approval" in pending.reason
