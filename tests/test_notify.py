@@ -91,6 +91,37 @@ def test_each_delivery_is_recorded_and_a_retry_does_not_send_it_again(
                     "notified Slack by slack: approval_needed"]  # fmt: skip
 
 
+def test_a_duplicate_notice_delivered_while_the_first_is_sending_does_not_send_twice(
+    mailbox: Mailbox, slack: Webhook, harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8, defect 18: the notify message redelivered (or published twice) while a
+    worker is still posting to Slack. The second delivery must not post again."""
+    import app.notify
+    from app.notify.slack import post_slack as real_post
+
+    run_id = paused(harness)
+    second: list[BaseException | None] = []
+    calls: list[str] = []
+
+    def post_while_another_worker_delivers(url: str, text: str) -> None:
+        calls.append(text)
+        if len(calls) == 1:  # the first worker is mid-send: a second one takes the notice
+            try:
+                deliver(harness.service, Notice.APPROVAL_NEEDED, run_id, attempt=1)
+                second.append(None)
+            except DeliveryFailed as exc:
+                second.append(exc)
+        real_post(url, text)
+
+    monkeypatch.setattr(app.notify, "post_slack", post_while_another_worker_delivers)
+    deliver(harness.service, Notice.APPROVAL_NEEDED, run_id, attempt=1)
+    assert len(slack.payloads) == 1, [p["text"][:40] for p in slack.payloads]
+    assert len(mailbox.to(APPROVER)) == 1
+    assert isinstance(second[0], DeliveryFailed)  # it retries later, and then finds it sent
+    deliver(harness.service, Notice.APPROVAL_NEEDED, run_id, attempt=2)
+    assert (len(slack.payloads), len(mailbox.to(APPROVER))) == (1, 1)
+
+
 def test_an_smtp_server_that_is_down_is_a_delivery_failure_not_a_run_failure(
     monkeypatch: pytest.MonkeyPatch, harness: Harness
 ):

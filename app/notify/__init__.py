@@ -4,18 +4,23 @@
 that caused the notice. It never changes a run's status: a channel that cannot
 deliver is recorded as an `error` event and DeliveryFailed is raised, so the
 task retries with a countdown. Each successful delivery is recorded as a
-`status` event too, so a retry does not send it twice.
+`status` event too, so a retry does not send it twice. On PostgreSQL each
+delivery is claimed with an advisory lock while it is sent and recorded, and what
+was sent is read again under that lock: two deliveries of one notice (a
+redelivered message, a retry next to a duplicate) never send one channel twice.
 """
 
 from __future__ import annotations
 
 import smtplib
+import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Row
+from sqlalchemy import Engine, Row, text
 
 from app.config import Settings, load_settings
 from app.engine.actions import NewEvent
@@ -54,27 +59,57 @@ def deliver(service: AgentService, notice: Notice, run_id: str, *, attempt: int)
         return
     view = service.status(run_id)
     accounts = Accounts(service.store.engine)
-    sent = {e.data.get("notification") for e in view.events if e.kind == EventKind.STATUS}
     failures: list[str] = []
     for delivery in _deliveries(service, settings, accounts, notice, view, attempt=attempt):
-        if delivery.key in sent:
-            continue
-        try:
-            delivery.send()
-        except DELIVERY_ERRORS as exc:
-            failures.append(f"{delivery.channel} to {delivery.to}: {type(exc).__name__}: {exc}")
-            continue
-        service.record_event(
-            run_id,
-            NewEvent(
-                kind=EventKind.STATUS,
-                message=f"notified {delivery.to} by {delivery.channel}: {notice}",
-                data={"notification": delivery.key, "channel": delivery.channel},
-            ),
-        )
+        with _claimed(service.store.engine, delivery.key) as claimed:
+            if not claimed:  # another worker is sending this very delivery right now
+                failures.append(f"{delivery.channel} to {delivery.to}: being sent elsewhere")
+                continue
+            if delivery.key in _sent(service, run_id):
+                continue
+            try:
+                delivery.send()
+            except DELIVERY_ERRORS as exc:
+                failures.append(f"{delivery.channel} to {delivery.to}: {type(exc).__name__}: {exc}")
+                continue
+            service.record_event(
+                run_id,
+                NewEvent(
+                    kind=EventKind.STATUS,
+                    message=f"notified {delivery.to} by {delivery.channel}: {notice}",
+                    data={"notification": delivery.key, "channel": delivery.channel},
+                ),
+            )
     if failures:
         _record_failure(service, run_id, notice, failures, attempt=attempt)
         raise DeliveryFailed(f"{notice} for run {run_id}: " + "; ".join(failures))
+
+
+def _sent(service: AgentService, run_id: str) -> set[str]:
+    """The delivery keys already recorded as sent: read afresh, under the claim."""
+    events = service.status(run_id).events
+    return {e.data.get("notification") for e in events if e.kind == EventKind.STATUS}
+
+
+@contextmanager
+def _claimed(engine: Engine, key: str) -> Iterator[bool]:
+    """Hold a PostgreSQL advisory lock on `key` while one delivery is sent and recorded;
+    yields False when another session holds it. The lock dies with its connection, so
+    a worker that is killed mid-send never blocks a retry. Other databases (the
+    embedded SQLite) have a single worker: nothing to claim against."""
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    lock = zlib.crc32(key.encode()) - 2**31  # a signed 32-bit key, stable across processes
+    with engine.connect() as conn:
+        got = conn.execute(text("SELECT pg_try_advisory_lock(1852797281, :k)"), {"k": lock})
+        if not got.scalar():
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(1852797281, :k)"), {"k": lock})
 
 
 def _record_failure(
