@@ -78,23 +78,43 @@ def test_a_create_retried_with_its_idempotency_key_returns_the_same_run(api):
     )
     assert other.status_code == 409 and "different request" in other.json["error"]
     bad = api("POST", "/api/runs", body, headers={"Idempotency-Key": "x" * 201})
-    assert bad.status_code == 400 and "idempotency key" in bad.json["error"]
+    assert bad.status_code == 400 and "Idempotency-Key header" in bad.json["error"]
 
 
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"task": ""}, "task is required"),
-        ({"task": "x", "config": {"max_iterations": 0}}, "max_iterations"),
-        ({"task": "x", "config": {"approval_required": ["nope"]}}, "unknown tools: nope"),
-        ({"task": "x", "config": {"surprise": 1}}, "surprise"),
-        ({"task": "x", "config": []}, "config must be a JSON object"),
-        ({"task": 5}, "task must be a string"),
+        ({"task": ""}, "task: String should have at least 1 character"),
+        ({"task": "x", "config": {"max_iterations": 0}}, "config.max_iterations"),
+        ({"task": "x", "config": {"surprise": 1}}, "config.surprise: unknown field"),
+        ({"task": "x", "config": []}, "config: Input should be an object"),
+        ({"task": 5}, "task: Input should be a valid string"),
+        ({"task": "x", "surprise": 1}, "surprise: unknown field"),
+        ({"task": "x", "config": {"max_iterations": "7"}}, "config.max_iterations"),
+        ({"task": "x", "config": {"approval_required": "deploy"}}, "approval_required"),
+        ({"task": "a\x00b"}, "task: must not contain a NUL character"),
+        ({"task": "x", "config": {"approvers": ["bo\x00b"]}}, "config.approvers.0"),
+        ({"task": "x", "config": {"budget_tokens": 10**13}}, "config.budget_tokens"),
     ],
 )
-def test_invalid_input_is_a_400_with_the_reason(api, body, message):
+def test_a_body_that_breaks_the_document_is_a_400_naming_the_field(api, body, message):
     response = api("POST", "/api/runs", body)
-    assert response.status_code == 400
+    assert response.status_code == 400, response.json
+    assert message in response.json["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"task": "   "}, "the task is empty"),
+        ({"task": "x", "config": {"approval_required": ["nope"]}}, "unknown tools: nope"),
+        ({"task": "x", "config": {"approvers": ["nobody-at-all"]}}, "names no user"),
+        ({"task": "x", "config": {"retry_policy": {"base": 10, "max_backoff": 1}}}, "max_backoff"),
+    ],
+)
+def test_a_body_the_service_refuses_is_a_422_with_the_reason(api, body, message):
+    response = api("POST", "/api/runs", body)
+    assert response.status_code == 422, response.json
     assert message in response.json["error"]
 
 
@@ -103,10 +123,112 @@ def test_a_body_that_is_not_json_is_a_400(api):
     assert response.status_code == 400 and "JSON object" in response.json["error"]
 
 
-def test_bad_query_parameters_are_a_400(api):
-    assert api("GET", "/api/runs?status=nope").status_code == 400
-    assert api("GET", "/api/runs?limit=0").status_code == 400
-    assert "integer" in api("GET", "/api/runs?offset=x").json["error"]
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"task": "x", "config": {"timeout": Infinity}}',
+        b'{"task": "x", "config": {"timeout": NaN}}',
+        b'{"task": "x", "config": {"timeout": 1e400}}',
+        b'{"task": "\\ud800"}',  # a lone surrogate
+        b'{"task": "x"',
+        b'{"task": "x", "config": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001,  # was a 500
+        b'{"task": "x"}' + b" " * 10 + b'{"task": "y"}',
+    ],
+)
+def test_hostile_json_is_a_400_never_a_500(api, raw):
+    response = api("POST", "/api/runs", data=raw, content_type="application/json")
+    assert response.status_code == 400, response.json
+    assert response.json["error"]
+
+
+def test_deep_json_on_approve_is_a_400(api, harness: Harness):
+    run_id = paused(harness)
+    deep = b'{"args": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # RecursionError, a 500, before
+    response = api("POST", f"/api/runs/{run_id}/approve", data=deep,
+                   content_type="application/json")  # fmt: skip
+    assert response.status_code == 400 and "JSON" in response.json["error"]
+    nested: dict = {}
+    for _ in range(100):  # within the parser's limit, past the args' depth limit
+        nested = {"k": nested}
+    response = api("POST", f"/api/runs/{run_id}/approve", {"args": nested})
+    assert response.status_code == 400 and "nested deeper" in response.json["error"]
+    assert harness.service.status(run_id).run.status == RunStatus.PAUSED
+
+
+def test_a_body_over_the_limit_is_a_413(api):
+    response = api("POST", "/api/runs", {"task": "x" * (300 * 1024)})
+    assert response.status_code == 413 and response.json["error"]
+
+
+def test_nul_and_surrogates_in_decisions_are_400s(api, harness: Harness):
+    run_id = paused(harness)
+    for path, body in [
+        ("approve", {"comment": "ok\x00"}),
+        ("approve", {"approval_id": "a\x00"}),
+        ("reject", {"reason": "no\x00"}),
+        ("reject", {"reason": "no", "approval_id": "\x00"}),
+    ]:
+        response = api("POST", f"/api/runs/{run_id}/{path}", body)
+        assert response.status_code == 400, (path, body, response.json)
+        field = list(body)[-1]
+        assert f"{field}: must not contain a NUL" in response.json["error"]
+    lone = b'{"reason": "\\udc00"}'
+    response = api("POST", f"/api/runs/{run_id}/reject", data=lone,
+                   content_type="application/json")  # fmt: skip
+    assert response.status_code == 400
+    assert harness.service.status(run_id).run.status == RunStatus.PAUSED
+
+
+@pytest.mark.parametrize("run_id", ["%00", "%ED%A0%80", "x" * 40, "%FF%FE", "a%0Ab", "..%2F.."])
+def test_odd_run_ids_are_404s(api, run_id):
+    for method, suffix in [("GET", ""), ("GET", "/events"), ("POST", "/cancel"),
+                           ("POST", "/approve"), ("POST", "/reject")]:  # fmt: skip
+        body = {"reason": "r"} if suffix == "/reject" else None
+        response = api(method, f"/api/runs/{run_id}{suffix}", body)
+        assert response.status_code == 404, (method, suffix, response.status_code)
+        assert response.is_json
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("status=nope", "status: Input should be"),
+        ("limit=0", "limit: Input should be greater than or equal to 1"),
+        ("limit=201", "limit"),
+        ("offset=x", "offset: Value error, must be an integer"),
+        ("offset=-1", "offset"),
+        ("offset=1000000001", "offset"),
+        ("limit=1.0", "limit: Value error, must be an integer"),
+        ("limit=%201", "limit"),
+        ("limit=" + "9" * 5000, "limit"),
+        ("status=", "status: empty"),  # was silently every status
+        ("limit=", "limit: empty"),  # was silently 50
+        ("limit=1&limit=2", "limit: given 2 times"),  # was silently 1
+        ("page=2", "page: unknown field"),  # was silently ignored
+    ],
+)
+def test_bad_query_parameters_are_a_400_naming_them(api, query, message):
+    response = api("GET", f"/api/runs?{query}")
+    assert response.status_code == 400, response.json
+    assert message in response.json["error"]
+
+
+def test_event_ids_are_bounded(api, harness: Harness):
+    run_id = api("POST", "/api/runs", {"task": "bounded"}).json["id"]
+    assert api("GET", f"/api/runs/{run_id}/events?after={2**53 - 1}").status_code == 200
+    for after in (str(2**53), "9223372036854775808", "-1", "1e3", ""):
+        response = api("GET", f"/api/runs/{run_id}/events?after={after}")
+        assert response.status_code == 400 and "after" in response.json["error"]
+    assert api("GET", f"/api/runs/{run_id}?verbose=1").status_code == 400
+
+
+def test_methods_not_allowed_are_405s_with_allow(api):
+    for method in ("TRACE", "DELETE", "PUT", "PATCH"):
+        response = api(method, "/api/runs")
+        assert response.status_code == 405
+        assert set(response.headers["Allow"].split(", ")) >= {"GET", "POST"}
+    response = api("DELETE", "/api/runs/x/cancel")
+    assert response.status_code == 405 and "POST" in response.headers["Allow"]
 
 
 def test_unknown_runs_and_routes_are_json_404s(api):
@@ -141,17 +263,25 @@ def test_approve_resumes_and_a_second_approve_is_a_409(api, harness: Harness):
     assert audit[0].data["channel"] == "api"
 
 
-def test_approve_with_invalid_edited_args_is_a_400(api, harness: Harness):
+def test_approve_with_invalid_edited_args_is_a_422(api, harness: Harness):
     run_id = paused(harness, tool="idem_effect")
     response = api("POST", f"/api/runs/{run_id}/approve", {"args": {"hold": 1000}})
-    assert response.status_code == 400 and "edited args are invalid" in response.json["error"]
-    assert api("POST", f"/api/runs/{run_id}/approve", {"args": [1]}).status_code == 400
+    assert response.status_code == 422 and "edited args are invalid" in response.json["error"]
+    response = api("POST", f"/api/runs/{run_id}/approve", {"args": [1]})
+    assert (
+        response.status_code == 400 and "args: Input should be an object" in response.json["error"]
+    )
+    response = api("POST", f"/api/runs/{run_id}/approve", {"args": {}, "surprise": 1})
+    assert response.status_code == 400 and "surprise: unknown field" in response.json["error"]
     assert harness.service.status(run_id).run.status == RunStatus.PAUSED
 
 
 def test_reject_needs_a_reason(api, harness: Harness):
     run_id = paused(harness)
-    assert api("POST", f"/api/runs/{run_id}/reject", {}).status_code == 400
+    assert "reason: Field required" in api("POST", f"/api/runs/{run_id}/reject", {}).json["error"]
+    assert api("POST", f"/api/runs/{run_id}/reject", {"reason": ""}).status_code == 400
+    assert api("POST", f"/api/runs/{run_id}/reject", {"reason": "  "}).status_code == 422
+    assert api("POST", f"/api/runs/{run_id}/reject").status_code == 400
     rejected = api("POST", f"/api/runs/{run_id}/reject", {"reason": "not now"})
     assert rejected.status_code == 200
     assert harness.service.status(run_id).steps[0].status == "rejected"
@@ -211,3 +341,53 @@ def _refs(node) -> set[str]:
     if isinstance(node, list):
         return set().union(*(_refs(v) for v in node)) if node else set()
     return set()
+
+
+def _statuses(doc, path, method) -> set[int]:
+    return {int(code) for code in doc["paths"][path][method]["responses"]}
+
+
+def _schema(doc, ref_or_schema):
+    ref = ref_or_schema.get("$ref")
+    return doc["components"]["schemas"][ref.rsplit("/", 1)[1]] if ref else ref_or_schema
+
+
+def test_the_document_states_the_bounds_the_server_enforces(client: FlaskClient):
+    doc = client.get("/api/openapi.json").json
+    assert doc["openapi"] == "3.1.0"
+    listing = {p["name"]: p["schema"] for p in doc["paths"]["/api/runs"]["get"]["parameters"]}
+    assert listing["limit"]["minimum"] == 1 and listing["limit"]["maximum"] == 200
+    assert listing["offset"]["minimum"] == 0 and listing["offset"]["maximum"] == 10**9
+    assert _schema(doc, listing["status"])["enum"] == [s.value for s in RunStatus]
+    events = doc["paths"]["/api/runs/{run_id}/events"]["get"]["parameters"]
+    after = next(p for p in events if p["name"] == "after")["schema"]
+    assert after["minimum"] == 0 and after["maximum"] == 2**53 - 1
+    schemas = doc["components"]["schemas"]
+    for name in ("NewRun", "RunConfig", "RetryPolicy", "Approve", "Reject"):
+        assert schemas[name]["additionalProperties"] is False, name
+    assert schemas["Reject"]["properties"]["reason"]["minLength"] == 1
+    assert "reason" in schemas["Reject"]["required"]
+    assert schemas["NewRun"]["properties"]["task"]["maxLength"] == 10_000
+    # The config's fields are RunConfig's, no more, no fewer.
+    from app.engine.models import RunConfig
+
+    assert set(schemas["RunConfig"]["properties"]) == set(RunConfig.model_fields)
+    create = doc["paths"]["/api/runs"]["post"]
+    key = next(p for p in create["parameters"] if p["name"] == "Idempotency-Key")
+    assert key["in"] == "header" and key["schema"]["maxLength"] == 200
+
+
+def test_the_document_lists_the_statuses_each_operation_returns(client: FlaskClient):
+    doc = client.get("/api/openapi.json").json
+    everywhere = {400, 401}
+    assert _statuses(doc, "/api/runs", "get") >= everywhere | {200}
+    assert _statuses(doc, "/api/runs", "post") >= everywhere | {201, 403, 409, 413, 422}
+    assert _statuses(doc, "/api/runs/{run_id}", "get") >= everywhere | {200, 404}
+    for action in ("approve", "reject"):
+        assert _statuses(doc, f"/api/runs/{{run_id}}/{action}", "post") >= everywhere | {
+            200, 403, 404, 409, 413, 422,
+        }  # fmt: skip
+    assert _statuses(doc, "/api/runs/{run_id}/cancel", "post") >= everywhere | {200, 403, 404, 409}
+    # Nothing a read can never answer.
+    assert not _statuses(doc, "/api/runs", "get") & {403, 404, 409, 413, 422}
+    assert not _statuses(doc, "/api/runs/{run_id}/cancel", "post") & {413, 422}

@@ -1,31 +1,46 @@
 """The JSON API for scripts and CI, under /api, authenticated by bearer tokens.
 
-Errors are {"error": message} with 400 (invalid input), 401 (no or unknown
-token), 403 (not an approver), 404 (no such run), 409 (the run's state does not
-allow it). The OpenAPI document is at /api/openapi.json.
+Each view is declared with `operation(...)`: the pydantic models that validate its
+query string and body (app/web/schemas.py), what it answers and which statuses it
+returns. The views receive the validated models, and /api/openapi.json is built
+from the same declarations (app/web/openapi.py): the document cannot say one
+thing while the server does another.
+
+Errors are {"error": message}: 400 (the request breaks the document: an unknown or
+repeated or empty parameter, a value out of range, a body that is not a JSON
+object, too deep, holds NUL/Infinity/NaN), 401 (no or unknown token), 403 (the
+role or the run does not allow it), 404 (no such run), 409 (the run's state does
+not allow it), 413 (body over 256 KiB), 422 (the request fits the document but the
+service refuses it: an unknown tool, an approver no user answers to, edited args
+the tool does not take), 429 when rate limits are on.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any, TypeVar, cast
 
-from flask import Blueprint, Response, g, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import Row
 
-from app.engine.models import RunStatus
+from app.engine import sanitize
 from app.errors import NotFound
 from app.service import Conflict, Forbidden, InvalidInput, RunView
 from app.service.permissions import Actor
 from app.store.accounts import User
-from app.web import deps
+from app.web import deps, schemas
 from app.web.auth import bearer_user
-from app.web.openapi import openapi_document
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 PUBLIC = {"api.openapi"}
-MAX_LIMIT = 200
+MAX_LIMIT = schemas.MAX_LIMIT
+M = TypeVar("M", bound=BaseModel)
+_IDEMPOTENCY_KEY = TypeAdapter(schemas.IdempotencyKey)
 
 
 class ApiError(Exception):
@@ -34,8 +49,65 @@ class ApiError(Exception):
         self.status = status
 
 
+# --- declared operations ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Operation:
+    """What /api/openapi.json says about one view, and what the view is given."""
+
+    endpoint: str
+    operation_id: str
+    summary: str
+    ok: tuple[int, type[BaseModel], str]  # status, model, description
+    query: type[BaseModel] = schemas.NoQuery
+    body: type[BaseModel] | None = None
+    body_required: bool = True
+    # Statuses besides ok, 400 and 401 (every operation has those), with why.
+    errors: dict[int, str] = field(default_factory=dict)
+    headers: tuple[dict[str, Any], ...] = ()
+    links: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+OPERATIONS: dict[str, Operation] = {}
+ViewFn = Callable[..., ResponseReturnValue]
+
+
+def operation(op: Operation) -> Callable[[ViewFn], ViewFn]:
+    """Register `op` and give the view `query=` and (with a body model) `body=`,
+    validated by exactly the models the document is generated from."""
+    OPERATIONS[op.endpoint] = op
+
+    def decorate(view: ViewFn) -> ViewFn:
+        @wraps(view)
+        def wrapped(**kwargs: Any) -> ResponseReturnValue:
+            kwargs["query"] = _query(op.query)
+            if op.body is not None:
+                kwargs["body"] = _body(op.body, required=op.body_required)
+            return view(**kwargs)
+
+        return wrapped
+
+    return decorate
+
+
+RUN_ERRORS = {404: "No such run"}
+DECISION_ERRORS = {
+    **RUN_ERRORS,
+    403: "Not an approver of this run (or its creator, under four eyes)",
+    409: "The run waits for no decision (or not this approval)",
+    413: "The body is over 256 KiB",
+    422: "The decision does not fit the pause (e.g. edited args the tool does not take)",
+}
+
+
+# --- requests -----------------------------------------------------------------------------
+
+
 @bp.before_request
 def authenticate() -> ResponseReturnValue | None:
+    # Bodies past the API's limit are refused (413) before anything reads them.
+    request.max_content_length = schemas.MAX_BODY_BYTES
     if request.endpoint in PUBLIC:
         return None
     user = bearer_user()
@@ -56,7 +128,8 @@ def api_error(error: ApiError) -> ResponseReturnValue:
 
 @bp.errorhandler(InvalidInput)
 def invalid_input(error: InvalidInput) -> ResponseReturnValue:
-    return jsonify(error=str(error)), 400
+    # The request fits the document; the service refuses what it says.
+    return jsonify(error=str(error)), 422
 
 
 @bp.errorhandler(NotFound)
@@ -74,84 +147,37 @@ def conflict(error: Conflict) -> ResponseReturnValue:
     return jsonify(error=str(error)), 409
 
 
-@bp.get("/openapi.json")
-def openapi() -> ResponseReturnValue:
-    return jsonify(openapi_document(request.host_url.rstrip("/")))
+def _query(model: type[M]) -> M:
+    """The query string through `model`: a parameter given twice or empty is refused
+    (never silently the default), and so is one the model does not have."""
+    data: dict[str, str] = {}
+    for name in request.args:
+        values = request.args.getlist(name)
+        shown = sanitize.scrub_text(name)[:80]
+        if len(values) > 1:
+            raise ApiError(400, f"{shown}: given {len(values)} times; give it once")
+        if values[0] == "":
+            raise ApiError(400, f"{shown}: empty; leave it out to get the default")
+        data[name] = values[0]
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, schemas.describe(exc, what="query")) from None
 
 
-@bp.post("/runs")
-def create() -> ResponseReturnValue:
-    body = _body()
-    config = body.get("config")
-    config = {} if config is None else config
-    if not isinstance(config, dict):
-        raise ApiError(400, "config must be a JSON object")
-    run_id = deps.service().create_run(
-        _text(body, "task", required=True),
-        config=config,
-        created_by=_actor(),
-        # A client that retries after a lost answer gets the run it created.
-        idempotency_key=request.headers.get("Idempotency-Key"),
-    )
-    return _created(run_id)
-
-
-@bp.get("/runs")
-def index() -> ResponseReturnValue:
-    status = request.args.get("status") or None
-    if status is not None and status not in {s.value for s in RunStatus}:
-        raise ApiError(400, f"unknown status {status!r}")
-    limit = _int_arg("limit", 50, 1, MAX_LIMIT)
-    offset = _int_arg("offset", 0, 0, 10**9)
-    page = deps.service().list_runs(status=status, limit=limit, offset=offset)
-    return jsonify(runs=[run_json(r) for r in page.rows], total=page.total, limit=limit,
-                   offset=offset)  # fmt: skip
-
-
-@bp.get("/runs/<run_id>")
-def show(run_id: str) -> ResponseReturnValue:
-    return jsonify(view_json(deps.service().status(run_id)))
-
-
-@bp.get("/runs/<run_id>/events")
-def events(run_id: str) -> ResponseReturnValue:
-    after = _int_arg("after", 0, 0, 2**62)
-    view = deps.service().status(run_id, after_event=after)
-    items = [event_json(e) for e in view.events]
-    return jsonify(events=items, last_event=items[-1]["id"] if items else after,
-                   status=view.run.status)  # fmt: skip
-
-
-@bp.post("/runs/<run_id>/approve")
-def approve(run_id: str) -> ResponseReturnValue:
-    body = _body(optional=True)
-    args = body.get("args")
-    if args is not None and not isinstance(args, dict):
-        raise ApiError(400, "args must be a JSON object")
-    deps.service().approve(
-        run_id, by=_actor(), args=args, comment=_text(body, "comment"),
-        approval_id=_text(body, "approval_id") or None, channel="api",
-    )  # fmt: skip
-    return _state(run_id)
-
-
-@bp.post("/runs/<run_id>/reject")
-def reject(run_id: str) -> ResponseReturnValue:
-    body = _body()
-    deps.service().reject(
-        run_id, by=_actor(), reason=_text(body, "reason", required=True),
-        approval_id=_text(body, "approval_id") or None, channel="api",
-    )  # fmt: skip
-    return _state(run_id)
-
-
-@bp.post("/runs/<run_id>/cancel")
-def cancel(run_id: str) -> ResponseReturnValue:
-    deps.service().cancel(run_id, by=_actor())
-    return _state(run_id)
-
-
-# --- helpers ------------------------------------------------------------------------
+def _body(model: type[M], *, required: bool) -> M:
+    """The body through `model` (strict; JSON parsed by pydantic, which refuses lone
+    surrogates, Infinity and NaN, and nesting past its recursion limit)."""
+    raw = request.get_data(cache=True)  # 413 past MAX_BODY_BYTES
+    if not raw.strip() and not required:
+        raw = b"{}"
+    elif not request.is_json:
+        raise ApiError(400, "the request body must be a JSON object (Content-Type: "
+                       "application/json)")  # fmt: skip
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ApiError(400, schemas.describe(exc)) from None
 
 
 def _user() -> User:
@@ -163,99 +189,219 @@ def _actor() -> Actor:
     return Actor.of(_user())
 
 
-def _body(*, optional: bool = False) -> dict[str, Any]:
-    if optional and not request.get_data():
-        return {}
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object (Content-Type: "
-                       "application/json)")  # fmt: skip
-    return body
-
-
-def _text(body: dict[str, Any], key: str, *, required: bool = False) -> str:
-    value = body.get(key, "")
-    if not isinstance(value, str):
-        raise ApiError(400, f"{key} must be a string")
-    if required and not value.strip():
-        raise ApiError(400, f"{key} is required")
-    return value
-
-
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
     try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"{name} must be an integer") from None
-    if not low <= value <= high:
-        raise ApiError(400, f"{name} must be between {low} and {high}")
-    return value
+        return _IDEMPOTENCY_KEY.validate_python(key)
+    except ValidationError as exc:
+        raise ApiError(400, schemas.describe(exc, what="Idempotency-Key header")) from None
 
 
-def _created(run_id: str) -> ResponseReturnValue:
-    response: Response = jsonify(run_json(deps.service().status(run_id).run))
+# --- views --------------------------------------------------------------------------------
+
+
+@bp.get("/openapi.json")
+def openapi() -> ResponseReturnValue:
+    from app.web.openapi import openapi_document
+
+    return jsonify(openapi_document(current_app, request.host_url.rstrip("/")))
+
+
+@bp.post("/runs")
+@operation(
+    Operation(
+        "api.create",
+        "createRun",
+        "Create a run",
+        (201, schemas.Run, "The new run (or, for a repeated Idempotency-Key, the first one)"),
+        body=schemas.NewRun,
+        errors={
+            403: "Creating runs takes the operator role",
+            409: "The Idempotency-Key was used for a different request",
+            413: "The body is over 256 KiB",
+            422: "The service refuses the run (e.g. an unknown tool in approval_required, "
+            "an approver no user answers to, a planner this deployment lacks)",
+        },
+        headers=(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "Retrying with the same key returns the run the first "
+                "request created (409 if the request differs).",
+                "schema": TypeAdapter(schemas.IdempotencyKey).json_schema(),
+            },
+        ),
+        links={
+            "GetRun": {"operationId": "getRun", "parameters": {"run_id": "$response.body#/id"}},
+            "GetRunEvents": {
+                "operationId": "getRunEvents",
+                "parameters": {"run_id": "$response.body#/id"},
+            },
+            "CancelRun": {
+                "operationId": "cancelRun",
+                "parameters": {"run_id": "$response.body#/id"},
+            },
+        },
+    )
+)
+def create(*, query: schemas.NoQuery, body: schemas.NewRun) -> ResponseReturnValue:
+    run_id = deps.service().create_run(
+        body.task,
+        config=cast(BaseModel, body.config).model_dump(exclude_unset=True),
+        created_by=_actor(),
+        # A client that retries after a lost answer gets the run it created.
+        idempotency_key=_idempotency_key(),
+    )
+    response: Response = jsonify(_run(deps.service().status(run_id).run))
     response.status_code = 201
     response.headers["Location"] = url_for("api.show", run_id=run_id)
     return response
 
 
+@bp.get("/runs")
+@operation(
+    Operation(
+        "api.index",
+        "listRuns",
+        "List runs, newest first",
+        (200, schemas.RunPage, "A page of runs"),
+        query=schemas.RunsQuery,
+    )
+)
+def index(*, query: schemas.RunsQuery) -> ResponseReturnValue:
+    status = query.status.value if query.status is not None else None
+    page = deps.service().list_runs(status=status, limit=query.limit, offset=query.offset)
+    return _json(schemas.RunPage(runs=[_run_model(r) for r in page.rows], total=page.total,
+                                 limit=query.limit, offset=query.offset))  # fmt: skip
+
+
+@bp.get("/runs/<run_id>")
+@operation(
+    Operation(
+        "api.show",
+        "getRun",
+        "A run with its steps and pending approval",
+        (200, schemas.RunDetail, "The run"),
+        errors=RUN_ERRORS,
+    )
+)
+def show(run_id: str, *, query: schemas.NoQuery) -> ResponseReturnValue:
+    return jsonify(view_json(deps.service().status(run_id)))
+
+
+@bp.get("/runs/<run_id>/events")
+@operation(
+    Operation(
+        "api.events",
+        "getRunEvents",
+        "The run's timeline after an event id",
+        (200, schemas.EventPage, "Events, oldest first"),
+        query=schemas.EventsQuery,
+        errors=RUN_ERRORS,
+    )
+)
+def events(run_id: str, *, query: schemas.EventsQuery) -> ResponseReturnValue:
+    view = deps.service().status(run_id, after_event=query.after)
+    items = [schemas.Event.model_validate(e, from_attributes=True) for e in view.events]
+    return _json(schemas.EventPage(events=items, last_event=items[-1].id if items else query.after,
+                                   status=view.run.status))  # fmt: skip
+
+
+@bp.post("/runs/<run_id>/approve")
+@operation(
+    Operation(
+        "api.approve",
+        "approveRun",
+        "Approve the waiting step",
+        (200, schemas.Run, "The run, resumed"),
+        body=schemas.Approve,
+        body_required=False,
+        errors=DECISION_ERRORS,
+    )
+)
+def approve(run_id: str, *, query: schemas.NoQuery, body: schemas.Approve) -> ResponseReturnValue:
+    if body.args is not None and schemas.depth(body.args) > schemas.MAX_ARGS_DEPTH:
+        raise ApiError(400, f"args: nested deeper than {schemas.MAX_ARGS_DEPTH} levels")
+    deps.service().approve(
+        run_id, by=_actor(), args=body.args, comment=body.comment,
+        approval_id=body.approval_id, channel="api",
+    )  # fmt: skip
+    return _state(run_id)
+
+
+@bp.post("/runs/<run_id>/reject")
+@operation(
+    Operation(
+        "api.reject",
+        "rejectRun",
+        "Reject the waiting step",
+        (200, schemas.Run, "The run, re-planning around the reason"),
+        body=schemas.Reject,
+        errors=DECISION_ERRORS,
+    )
+)
+def reject(run_id: str, *, query: schemas.NoQuery, body: schemas.Reject) -> ResponseReturnValue:
+    deps.service().reject(
+        run_id, by=_actor(), reason=body.reason, approval_id=body.approval_id, channel="api"
+    )
+    return _state(run_id)
+
+
+@bp.post("/runs/<run_id>/cancel")
+@operation(
+    Operation(
+        "api.cancel",
+        "cancelRun",
+        "Cancel an active run",
+        (200, schemas.Run, "The cancelled run"),
+        errors={
+            **RUN_ERRORS,
+            403: "Only the run's creator (an operator) or an admin may cancel it",
+            409: "The run is not active",
+        },
+    )
+)
+def cancel(run_id: str, *, query: schemas.NoQuery) -> ResponseReturnValue:
+    deps.service().cancel(run_id, by=_actor())
+    return _state(run_id)
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+def _json(model: BaseModel) -> Response:
+    return jsonify(model.model_dump(mode="json"))
+
+
 def _state(run_id: str) -> ResponseReturnValue:
-    return jsonify(run_json(deps.service().status(run_id).run))
+    return jsonify(_run(deps.service().status(run_id).run))
 
 
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
+def _fields(run: Row[Any]) -> dict[str, Any]:
+    return {**run._mapping, "url": url_for("runs.show", run_id=run.id, _external=True)}
 
 
-def run_json(run: Row[Any]) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "task": run.task,
-        "status": run.status,
-        "planner": run.planner,
-        "config": run.config,
-        "iteration": run.iteration,
-        "plan_version": run.plan_version,
-        "tokens_total": run.tokens_total,
-        "cost_usd": run.cost_usd,
-        "created_by": run.created_by,
-        "created_at": _iso(run.created_at),
-        "started_at": _iso(run.started_at),
-        "finished_at": _iso(run.finished_at),
-        "report": run.report,
-        "error": run.error,
-        "url": url_for("runs.show", run_id=run.id, _external=True),
-    }
+def _run_model(run: Row[Any]) -> schemas.Run:
+    return schemas.Run.model_validate(_fields(run))
 
 
-def event_json(event: Row[Any]) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "iteration": event.iteration,
-        "step_id": event.step_id,
-        "kind": event.kind,
-        "message": event.message,
-        "data": event.data,
-        "created_at": _iso(event.created_at),
-    }
+def _run(run: Row[Any]) -> dict[str, Any]:
+    return _run_model(run).model_dump(mode="json")
 
 
 def view_json(view: RunView) -> dict[str, Any]:
     pending = view.pending_approval
-    return {
-        **run_json(view.run),
-        "steps": [s.model_dump(mode="json") for s in view.steps],
-        "pending_approval": None
-        if pending is None
-        else {
-            "id": pending.id,
-            "kind": pending.kind,
-            "step_id": pending.step_id,
-            "reason": pending.reason,
-            "created_at": _iso(pending.created_at),
-        },
-        "last_event": view.events[-1].id if view.events else 0,
-    }
+    detail = schemas.RunDetail.model_validate(
+        {
+            **_fields(view.run),
+            "steps": view.steps,
+            "pending_approval": None
+            if pending is None
+            else schemas.PendingApproval.model_validate(pending, from_attributes=True),
+            "last_event": view.events[-1].id if view.events else 0,
+        }
+    )
+    return detail.model_dump(mode="json")

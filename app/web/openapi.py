@@ -1,257 +1,151 @@
-"""The OpenAPI 3 document of the JSON API (served at /api/openapi.json)."""
+"""The OpenAPI 3.1 document of the JSON API (served at /api/openapi.json), generated
+from what the server runs: the routes Flask serves, the operations the views
+declare (app/web/api.py) and the JSON Schema of the pydantic models those views
+validate with (app/web/schemas.py)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from app.engine.models import RunStatus
+from flask import Flask
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from app.web import schemas
+from app.web.api import OPERATIONS, Operation
+
+REF = "#/components/schemas/{model}"
+RESPONSES = {
+    400: "The request breaks this document (the message names the field)",
+    401: "No or unknown bearer token",
+    429: "Too many requests: wait Retry-After seconds",
+}
+_PATH_PARAM = re.compile(r"<(?:[a-z]+:)?([a-z_]+)>")
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter's schema without `null`: a query string cannot say null."""
+    branches = schema.get("anyOf")
+    if branches is None:
+        return schema
+    kept = [b for b in branches if b.get("type") != "null"]
+    rest = {k: v for k, v in schema.items() if k not in {"anyOf", "default"}}
+    return {**rest, **kept[0]} if len(kept) == 1 else {**rest, "anyOf": kept}
+
+
+def _query_parameters(model: type[BaseModel], refs: dict[str, Any]) -> list[dict[str, Any]]:
+    properties = refs["properties"]
+    return [
+        {
+            "name": name,
+            "in": "query",
+            "required": info.is_required(),
+            "description": info.description or "",
+            "schema": _without_null(properties[name]),
+        }
+        for name, info in model.model_fields.items()
+    ]
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-ERRORS = {
-    "400": {"$ref": "#/components/responses/Invalid"},
-    "401": {"$ref": "#/components/responses/Unauthorized"},
-    "404": {"$ref": "#/components/responses/NotFound"},
-}
-RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
+def _error(description: str) -> dict[str, Any]:
+    return _json({"$ref": REF.format(model="Error")}, description)
 
 
-def _decision(summary: str, body: str, required: list[str]) -> dict[str, Any]:
-    return {
-        "post": {
-            "summary": summary,
-            "parameters": [RUN_ID],
-            "requestBody": {
-                "required": bool(required),
-                "content": {"application/json": {"schema": {**_ref(body)}}},
-            },
-            "responses": {
-                "200": _json(_ref("Run"), "The run, resumed"),
-                "403": {"$ref": "#/components/responses/Forbidden"},
-                "409": {"$ref": "#/components/responses/Conflict"},
-                **ERRORS,
-            },
+def _operation(
+    op: Operation,
+    path_params: list[str],
+    refs: dict[Any, dict[str, Any]],
+    query_schemas: dict[type[BaseModel], dict[str, Any]],
+    rate_limited: bool,
+) -> dict[str, Any]:
+    status, model, description = op.ok
+    ok = _json(refs[(model, "serialization")], description)
+    if status == 201:
+        ok["headers"] = {
+            "Location": {
+                "description": "The run's URL in this API",
+                "required": True,
+                "schema": {"type": "string"},
+            }
         }
+    if op.links:
+        ok["links"] = op.links
+    errors = {400: RESPONSES[400], 401: RESPONSES[401], **op.errors}
+    if rate_limited:
+        errors[429] = RESPONSES[429]
+    responses: dict[str, Any] = {str(status): ok}
+    for code in sorted(errors):
+        responses[str(code)] = _error(errors[code])
+    responses["401"]["headers"] = {
+        "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}
     }
+    parameters: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "minLength": 1},
+            "description": "A run's id (404 for any string that is not one)",
+        }
+        for name in path_params
+    ]
+    parameters += _query_parameters(op.query, query_schemas[op.query])
+    parameters += list(op.headers)
+    document: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "parameters": parameters,
+        "responses": responses,
+    }
+    if op.body is not None:
+        document["requestBody"] = {
+            "required": op.body_required,
+            "content": {"application/json": {"schema": refs[(op.body, "validation")]}},
+        }
+    return document
 
 
-SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {"error": {"type": "string", "description": "What went wrong"}},
-    },
-    "NewRun": {
-        "type": "object",
-        "required": ["task"],
-        "properties": {
-            "task": {"type": "string", "maxLength": 10000},
-            "config": {
-                "type": "object",
-                "description": "RunConfig: planner, runbook, max_iterations, timeout, "
-                "approval_required, approvers, retry_policy {max_retries, base, factor, "
-                "max_backoff, jitter}, max_replans, budget_tokens, budget_usd, …",
-                "additionalProperties": True,
-            },
-        },
-    },
-    "Run": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string"},
-            "task": {"type": "string"},
-            "status": {"type": "string", "enum": [s.value for s in RunStatus]},
-            "planner": {"type": "string"},
-            "config": {"type": "object"},
-            "iteration": {"type": "integer"},
-            "plan_version": {"type": "integer"},
-            "tokens_total": {"type": "integer"},
-            "cost_usd": {"type": "number"},
-            "created_by": {"type": "string", "nullable": True},
-            "created_at": {"type": "string", "format": "date-time"},
-            "started_at": {"type": "string", "format": "date-time", "nullable": True},
-            "finished_at": {"type": "string", "format": "date-time", "nullable": True},
-            "report": {"type": "string", "nullable": True},
-            "error": {"type": "string", "nullable": True},
-            "url": {"type": "string", "format": "uri"},
-        },
-    },
-    "RunDetail": {
-        "allOf": [
-            _ref("Run"),
-            {
-                "type": "object",
-                "properties": {
-                    "steps": {"type": "array", "items": {"type": "object"}},
-                    "pending_approval": {"type": "object", "nullable": True},
-                    "last_event": {"type": "integer"},
-                },
-            },
-        ]
-    },
-    "Event": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "integer"},
-            "iteration": {"type": "integer"},
-            "step_id": {"type": "integer", "nullable": True},
-            "kind": {
-                "type": "string",
-                "enum": [
-                    "observation",
-                    "decision",
-                    "error",
-                    "plan",
-                    "approval",
-                    "retry",
-                    "tool_call",
-                    "llm_call",
-                    "status",
-                ],
-            },
-            "message": {"type": "string"},
-            "data": {"type": "object"},
-            "created_at": {"type": "string", "format": "date-time"},
-        },
-    },
-    "Approve": {
-        "type": "object",
-        "properties": {
-            "args": {"type": "object", "description": "Edited args, checked by the tool"},
-            "comment": {"type": "string"},
-            "approval_id": {"type": "string", "description": "Decide only this approval"},
-        },
-    },
-    "Reject": {
-        "type": "object",
-        "required": ["reason"],
-        "properties": {
-            "reason": {"type": "string", "description": "The agent re-plans around it"},
-            "approval_id": {"type": "string"},
-        },
-    },
-}
-
-
-def _response(description: str) -> dict[str, Any]:
-    return _json(_ref("Error"), description)
-
-
-def openapi_document(server: str) -> dict[str, Any]:
+def openapi_document(app: Flask, server: str) -> dict[str, Any]:
+    bodies = [(op.body, "validation") for op in OPERATIONS.values() if op.body is not None]
+    answers = [(op.ok[1], "serialization") for op in OPERATIONS.values()]
+    models: list[Any] = [*dict.fromkeys([*bodies, *answers, (schemas.Error, "serialization")])]
+    refs, defs = models_json_schema(models, ref_template=REF)
+    components = defs.get("$defs", {})
+    query_schemas = {
+        op.query: op.query.model_json_schema(ref_template=REF) for op in OPERATIONS.values()
+    }
+    for schema in query_schemas.values():
+        components.update(schema.pop("$defs", {}))
+    rate_limited = bool(
+        "agentloop_limiter" in app.extensions and app.config.get("RATELIMIT_ENABLED", True)
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for rule in app.url_map.iter_rules():
+        op = OPERATIONS.get(rule.endpoint)
+        if op is None:
+            continue
+        path = _PATH_PARAM.sub(r"{\1}", rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            paths.setdefault(path, {})[method.lower()] = _operation(
+                op, sorted(rule.arguments), refs, query_schemas, rate_limited
+            )
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "agentloop API",
             "version": "1",
-            "description": "Create and follow agent runs; approve, reject or cancel them.",
+            "description": "Create and follow agent runs; approve, reject or cancel them. "
+            'Errors are {"error": message}: 400 when a request breaks this document, '
+            "422 when it fits but the service refuses what it says.",
         },
         "servers": [{"url": server}],
         "security": [{"bearer": []}],
-        "paths": {
-            "/api/runs": {
-                "get": {
-                    "summary": "List runs, newest first",
-                    "parameters": [
-                        {
-                            "name": "status",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": [s.value for s in RunStatus]},
-                        },
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 200},
-                        },
-                        {
-                            "name": "offset",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 0},
-                        },
-                    ],
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "runs": {"type": "array", "items": _ref("Run")},
-                                    "total": {"type": "integer"},
-                                },
-                            },
-                            "A page of runs",
-                        ),
-                        **ERRORS,
-                    },
-                },
-                "post": {
-                    "summary": "Create a run",
-                    "parameters": [
-                        {
-                            "name": "Idempotency-Key",
-                            "in": "header",
-                            "required": False,
-                            "description": "Retrying with the same key returns the run the "
-                            "first request created (409 if the request differs).",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                        }
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref("NewRun")}},
-                    },
-                    "responses": {"201": _json(_ref("Run"), "The new run"), **ERRORS},
-                },
-            },
-            "/api/runs/{run_id}": {
-                "get": {
-                    "summary": "A run with its steps and pending approval",
-                    "parameters": [RUN_ID],
-                    "responses": {"200": _json(_ref("RunDetail"), "The run"), **ERRORS},
-                }
-            },
-            "/api/runs/{run_id}/events": {
-                "get": {
-                    "summary": "The run's timeline after an event id",
-                    "parameters": [
-                        RUN_ID,
-                        {"name": "after", "in": "query", "schema": {"type": "integer"}},
-                    ],
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "events": {"type": "array", "items": _ref("Event")},
-                                    "last_event": {"type": "integer"},
-                                    "status": {"type": "string"},
-                                },
-                            },
-                            "Events, oldest first",
-                        ),
-                        **ERRORS,
-                    },
-                }
-            },
-            "/api/runs/{run_id}/approve": _decision("Approve the waiting step", "Approve", []),
-            "/api/runs/{run_id}/reject": _decision("Reject the waiting step", "Reject", ["reason"]),
-            "/api/runs/{run_id}/cancel": {
-                "post": {
-                    "summary": "Cancel an active run",
-                    "parameters": [RUN_ID],
-                    "responses": {
-                        "200": _json(_ref("Run"), "The cancelled run"),
-                        "409": {"$ref": "#/components/responses/Conflict"},
-                        **ERRORS,
-                    },
-                }
-            },
-        },
+        "paths": dict(sorted(paths.items())),
         "components": {
             "securitySchemes": {
                 "bearer": {
@@ -260,13 +154,6 @@ def openapi_document(server: str) -> dict[str, Any]:
                     "description": "A token from `agentloop user add NAME --token`",
                 }
             },
-            "schemas": SCHEMAS,
-            "responses": {
-                "Invalid": _response("Invalid input"),
-                "Unauthorized": _response("No or unknown bearer token"),
-                "Forbidden": _response("Not an approver of this run"),
-                "NotFound": _response("No such run"),
-                "Conflict": _response("The run's state does not allow this"),
-            },
+            "schemas": dict(sorted(components.items())),
         },
     }
