@@ -54,7 +54,10 @@ class BrokenBroker(RecordingDispatcher):
 # --- 2. after a commit, nothing fails the run --------------------------------------------
 
 
-def test_a_publish_error_after_the_commit_leaves_a_healthy_run_to_the_sweep(harness: Harness):
+def test_a_publish_error_after_the_commit_leaves_a_healthy_run_to_the_sweep(
+    private_store: Store, tmp_path: Path
+):
+    harness = make_harness(private_store, tmp_path)  # the sweep sees only this run
     harness.planner.script = [steps("noop", "noop")]
     broker = BrokenBroker(failures=1)
     harness.service.dispatcher = broker

@@ -192,10 +192,16 @@ class ToolPolicy(BaseModel):
             given = args.get(name)
             if given == value:
                 return True
-            prefix = isinstance(value, tuple) and isinstance(given, list) and bool(value)
-            if prefix and tuple(given[: len(value)]) == value:
+            if _starts_with(given, value):
                 return True
         return False
+
+
+def _starts_with(given: Any, prefix: Any) -> bool:
+    """Whether the list `given` starts with the non-empty tuple `prefix`."""
+    if not (isinstance(given, list) and isinstance(prefix, tuple) and prefix):
+        return False
+    return tuple(given[: len(prefix)]) == prefix
 
 
 class Step(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -48,6 +49,13 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.05)
+
+
+def die_with_parent() -> None:
+    """In a child process before exec: be killed when the test process dies, even by a
+    signal no finalizer sees (a timeout's SIGKILL). Linux only, as this suite is."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 # --- services -----------------------------------------------------------------------
@@ -276,7 +284,7 @@ def start_worker(
         with log.open("wb") as out:
             process = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, **(env or {})}, preexec_fn=die_with_parent,
             )  # fmt: skip
         worker = Worker(process=process, log=log)
         started.append(worker)

@@ -28,7 +28,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.conftest import ROOT
-from tests.support.fixtures import wait_until
+from tests.support.fixtures import die_with_parent, wait_until
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 CHAOS_DIR = ROOT / "tests" / "chaos"
@@ -173,7 +173,7 @@ class PrivateRedis:
                 "--save", "", "--appendonly", "no", "--dir", str(self.root),
                 "--daemonize", "no",
             ],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )  # fmt: skip
         log.close()
         wait_until(self._pings, timeout=30, what=f"the private Redis on :{self.port}")
@@ -462,7 +462,7 @@ def start_chaos_worker(chaos_env: ChaosEnv, tmp_path: Path) -> Iterator[Callable
         with log.open("wb") as out:
             process = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=worker_env,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
         worker = ChaosWorker(process=process, log=log, name=f"{name}{index}")
         started.append(worker)
