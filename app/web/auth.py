@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import wraps
 from typing import ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
 from flask import Blueprint, flash, g, redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
@@ -53,10 +54,23 @@ def login_required(view: Callable[P, R]) -> Callable[P, R | ResponseReturnValue]
 
 
 def safe_next(target: str | None) -> str:
-    """Only a path on this site: never an open redirect to another host."""
-    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
-        return target
-    return url_for("runs.index")
+    """Only a plain path on this site: never an open redirect to another host.
+
+    Browsers remove tabs and newlines from a URL and read a backslash as a slash
+    before they follow it, so `/%09/evil.example` is `//evil.example`: any control
+    character, space or backslash refuses the target outright, as does a scheme
+    (`https:`, `javascript:`), a host (`//x`) or anything not starting with one `/`."""
+    fallback = url_for("runs.index")
+    if not target or len(target) > 2000:
+        return fallback
+    if any(c.isspace() or not c.isprintable() or c == "\\" for c in target):
+        return fallback
+    if not target.startswith("/") or target.startswith("//"):
+        return fallback
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not parts.path.startswith("/"):
+        return fallback
+    return target
 
 
 @bp.route("/login", methods=["GET", "POST"])

@@ -29,16 +29,39 @@ from app.web.forms import CancelForm, DecisionForm, NewRunForm, edited_args
 bp = Blueprint("runs", __name__)
 
 STATUSES = [s.value for s in RunStatus]
+# Far beyond any real list (a million pages of runs), far below a 64-bit offset.
+MAX_PAGE = 1_000_000
+# Event ids are 64-bit integers in the database.
+MAX_EVENT_ID = 2**63 - 1
+
+
+def _int_arg(name: str, *, default: int, low: int, high: int) -> int:
+    """A query parameter that must be a whole number in [low, high]: 400 otherwise
+    (never a silent default, never an overflow in the database)."""
+    values = request.args.getlist(name)
+    if not values:
+        return default
+    if len(values) > 1:
+        abort(400, f"{name} is given {len(values)} times; give it once")
+    raw = values[0].strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 20 or not low <= int(raw) <= high:
+        abort(400, f"{name} must be a whole number from {low} to {high}, not {values[0][:40]!r}")
+    return int(raw)
 
 
 @bp.get("/")
 @login_required
 def index() -> ResponseReturnValue:
-    status = request.args.get("status") or None
+    statuses = request.args.getlist("status")
+    if len(statuses) > 1:
+        abort(400, "status is given more than once; give it once")
+    status = (statuses[0] if statuses else "") or None
     if status is not None and status not in STATUSES:
-        abort(400, f"unknown status {status!r}; one of {', '.join(STATUSES)}")
+        abort(400, f"unknown status {status[:40]!r}; one of {', '.join(STATUSES)}")
     per_page = int(current_app.config["RUNS_PER_PAGE"])
-    page_no = max(1, request.args.get("page", 1, type=int) or 1)
+    page_no = _int_arg("page", default=1, low=1, high=MAX_PAGE)
     page = deps.service().list_runs(status=status, limit=per_page, offset=(page_no - 1) * per_page)
     pages = max(1, -(-page.total // per_page))
     return render_template(
@@ -94,7 +117,7 @@ def show(run_id: str) -> ResponseReturnValue:
 def live(run_id: str) -> ResponseReturnValue:
     """What changed since the page last looked: new events (as HTML list items),
     and every section again when the run itself changed."""
-    after = request.args.get("after", 0, type=int) or 0
+    after = _int_arg("after", default=0, low=0, high=MAX_EVENT_ID)
     seen = request.args.get("state", "")
     # Most polls find the run as it was: read only the new events then, so a
     # watched page costs the same at iteration 5 as at iteration 5,000.
@@ -133,6 +156,8 @@ def decide(run_id: str) -> ResponseReturnValue:
         flash(f"Nothing was decided: {exc}", "error")
     except Conflict as exc:
         flash(f"Nothing was decided: {exc}", "error")
+    except NotFound:
+        abort(404, "There is no such approval waiting on this run.")
     else:
         flash(f"Decision recorded: {form.action.data}. The run resumes.")
     return back
