@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from sqlalchemy import Row
-
 from app.engine.models import Step
+from app.store.records import EventRecord, RunRecord
 
 STYLE = {
     "plan": ("PLAN", "\033[1;35m"),
@@ -22,7 +19,7 @@ STYLE = {
 RESET = "\033[0m"
 
 
-def format_event(event: Row[Any], *, color: bool = False) -> str:
+def format_event(event: EventRecord, *, color: bool = False) -> str:
     label, ansi = STYLE.get(event.kind, (event.kind.upper(), ""))
     stamp = event.created_at.strftime("%H:%M:%S.%f")[:-3]
     text = f"{stamp}  #{event.iteration:<3} {label:<8} {event.message}"
@@ -37,7 +34,7 @@ def format_step(step: Step) -> str:
     return line + (f"\n      error: {step.error}" if step.error else "")
 
 
-def format_run_header(run: Row[Any]) -> str:
+def format_run_header(run: RunRecord) -> str:
     cost = f"${run.cost_usd:.4f}, {run.tokens_total} tokens" if run.tokens_total else "no LLM cost"
     lines = [
         f"run {run.id}  [{run.status}]  planner: {run.planner}  iteration {run.iteration}",

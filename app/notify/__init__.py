@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, text
+from sqlalchemy import Engine, text
 
 from app.config import Settings, load_settings
 from app.engine.actions import NewEvent
@@ -32,6 +32,7 @@ from app.notify.slack import SlackRefused, post_slack
 from app.notify.tokens import ApprovalClaim, sign_approval
 from app.service import AgentService, Notice, RunView
 from app.store.accounts import Accounts
+from app.store.records import ApprovalRecord
 
 __all__ = ["DeliveryFailed", "approval_link", "deliver"]
 
@@ -88,7 +89,11 @@ def deliver(service: AgentService, notice: Notice, run_id: str, *, attempt: int)
 def _sent(service: AgentService, run_id: str) -> set[str]:
     """The delivery keys already recorded as sent: read afresh, under the claim."""
     events = service.status(run_id).events
-    return {e.data.get("notification") for e in events if e.kind == EventKind.STATUS}
+    return {
+        str(e.data["notification"])
+        for e in events
+        if e.kind == EventKind.STATUS and "notification" in e.data
+    }
 
 
 @contextmanager
@@ -161,7 +166,7 @@ def _approval_mails(
     settings: Settings,
     accounts: Accounts,
     view: RunView,
-    pending: Row[Any],
+    pending: ApprovalRecord,
     instance: str,
     attempt: int,
 ) -> Iterator[Delivery]:

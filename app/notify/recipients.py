@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from sqlalchemy import Row
-
 from app.config import Settings
 from app.engine.models import RunConfig
 from app.service.permissions import ApprovalPolicy
 from app.store.accounts import Accounts
+from app.store.records import RunRecord
 
 
-def approvers_of(run: Row[Any], settings: Settings) -> tuple[str, ...]:
+def approvers_of(run: RunRecord, settings: Settings) -> tuple[str, ...]:
     """The run's approvers (user names or emails): the deployment's, and those the run
     adds (the service's own rule: ApprovalPolicy)."""
     policy = ApprovalPolicy(approvers=settings.default_approvers)
@@ -28,7 +25,7 @@ def resolve_emails(names: tuple[str, ...], accounts: Accounts) -> tuple[dict[str
     return found, [n for n in names if n not in found]
 
 
-def run_recipients(run: Row[Any], settings: Settings, accounts: Accounts) -> list[str]:
+def run_recipients(run: RunRecord, settings: Settings, accounts: Accounts) -> list[str]:
     """Addresses told when a run ends: its approvers and the person who started it."""
     names = approvers_of(run, settings)
     if run.created_by and run.created_by not in names:

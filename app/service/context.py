@@ -16,6 +16,7 @@ from app.engine.redact import secret_values
 from app.planner.base import EventView, PlanRequest, StepView, ToolSpec
 from app.planner.prompt import RECENT_EVENTS, summarize_events
 from app.service.base import ServiceBase
+from app.store.records import EventRecord
 from app.store.repo import Tx
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class Context(ServiceBase):
             for spec in self.tools.specs()
         ]
 
-    def _fold_memory(self, tx: Tx, row: Row[Any], recent: list[Row[Any]]) -> str:
+    def _fold_memory(self, tx: Tx, row: Row[Any], recent: list[EventRecord]) -> str:
         """Fold events older than the recent window into the run's running summary."""
         if not recent:
             return str(row.memory_summary)
@@ -92,7 +93,7 @@ def budget_left(run: RunSnapshot) -> dict[str, Any]:
     }
 
 
-def event_view(row: Row[Any], positions: Mapping[int, int]) -> EventView:
+def event_view(row: EventRecord, positions: Mapping[int, int]) -> EventView:
     return EventView(
         id=row.id,
         kind=row.kind,

@@ -9,8 +9,6 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Row
-
 from app.engine import sanitize
 from app.engine.actions import NewEvent, Transition
 from app.engine.machine import fail, fold_decision
@@ -26,6 +24,7 @@ from app.service.permissions import (
     require_cancel,
     require_decision,
 )
+from app.store.records import ApprovalRecord, RunRecord
 from app.store.repo import Guard, snapshot_from_row
 
 log = logging.getLogger(__name__)
@@ -162,7 +161,7 @@ class Decisions(ServiceBase):
         )
 
     @staticmethod
-    def _why_not_pending(row: Row[Any], approval: Row[Any] | None) -> str:
+    def _why_not_pending(row: RunRecord, approval: ApprovalRecord | None) -> str:
         if approval is not None and approval.status == "decided":
             return (
                 f"already decided: {approval.decision} by {approval.decided_by} "

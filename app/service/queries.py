@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
-
-from sqlalchemy import Row
 
 from app.engine import sanitize
 from app.engine.actions import NewEvent
 from app.engine.models import Step
 from app.errors import NotFound
 from app.service.base import ServiceBase
+from app.store.records import ApprovalRecord, EventRecord, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +19,17 @@ log = logging.getLogger(__name__)
 class RunView:
     """A run as people read it: the row, every step, and the timeline."""
 
-    run: Row[Any]
+    run: RunRecord
     steps: list[Step]
-    events: list[Row[Any]]
-    pending_approval: Row[Any] | None
+    events: list[EventRecord]
+    pending_approval: ApprovalRecord | None
 
 
 @dataclass(frozen=True)
 class RunPage:
     """One page of the runs list, and how many runs match in all."""
 
-    rows: list[Row[Any]]
+    rows: list[RunRecord]
     total: int
 
 
@@ -39,8 +37,8 @@ class RunPage:
 class ApprovalView:
     """What a person deciding on an approval is shown."""
 
-    approval: Row[Any]
-    run: Row[Any]
+    approval: ApprovalRecord
+    run: RunRecord
     step: Step
     plan: list[Step]
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Engine,
     Result,
     Row,
+    Select,
     create_engine,
     event,
     func,
@@ -53,6 +54,7 @@ from app.engine.models import (
 from app.errors import NotFound
 from app.store import hot
 from app.store import transition as transition_sql
+from app.store.records import ApprovalRecord, EventRecord, RunRecord
 from app.store.schema import approvals, events, runs, steps
 
 log = logging.getLogger(__name__)
@@ -325,31 +327,32 @@ class Tx:
             done.add(statement.name)
         return self.conn.execute(statement.run, {**statement.constants, **params})
 
-    def lock_run(self, run_id: str) -> Row[Any]:
+    def lock_run(self, run_id: str) -> RunRecord:
         """The run, locked until the transaction ends. Every transaction that writes
         to a run and its approvals or steps locks the run row first: one lock order,
         no deadlocks. (SQLite has one writer at a time; FOR UPDATE is left out there.)"""
         row = self.conn.execute(select(runs).where(runs.c.id == run_id).with_for_update()).first()
         if row is None:
             raise NotFound(f"no run with id {run_id!r}")
-        return row
+        return RunRecord.of(row)
 
-    def run_by_idempotency_key(self, key: str) -> Row[Any] | None:
-        return self.conn.execute(select(runs).where(runs.c.idempotency_key == key)).first()
+    def run_by_idempotency_key(self, key: str) -> RunRecord | None:
+        row = self.conn.execute(select(runs).where(runs.c.idempotency_key == key)).first()
+        return None if row is None else RunRecord.of(row)
 
-    def get_run(self, run_id: str) -> Row[Any]:
+    def get_run(self, run_id: str) -> RunRecord:
         row = self.conn.execute(select(runs).where(runs.c.id == run_id)).first()
         if row is None:
             raise NotFound(f"no run with id {run_id!r}")
-        return row
+        return RunRecord.of(row)
 
     def list_runs(
         self, *, status: str | None = None, limit: int = 50, offset: int = 0
-    ) -> list[Row[Any]]:
+    ) -> list[RunRecord]:
         query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id).limit(limit)
         if status:
             query = query.where(runs.c.status == status)
-        return list(self.conn.execute(query.offset(offset)))
+        return [RunRecord.of(row) for row in self.conn.execute(query.offset(offset))]
 
     def count_runs(self, *, status: str | None = None) -> int:
         query = select(func.count()).select_from(runs)
@@ -654,36 +657,35 @@ class Tx:
             ],
         )
 
-    def events_after(self, run_id: str, after_id: int = 0, limit: int = 500) -> list[Row[Any]]:
-        return list(
-            self.conn.execute(
-                select(events)
-                .where(events.c.run_id == run_id, events.c.id > after_id)
-                .order_by(events.c.id)
-                .limit(limit)
-            )
+    def events_after(self, run_id: str, after_id: int = 0, limit: int = 500) -> list[EventRecord]:
+        return self._events(
+            select(events)
+            .where(events.c.run_id == run_id, events.c.id > after_id)
+            .order_by(events.c.id)
+            .limit(limit)
         )
 
-    def recent_events(self, run_id: str, limit: int) -> list[Row[Any]]:
-        rows = self.conn.execute(
+    def recent_events(self, run_id: str, limit: int) -> list[EventRecord]:
+        newest_first = self._events(
             select(events)
             .where(events.c.run_id == run_id)
             .order_by(events.c.id.desc())
             .limit(limit)
         )
-        return list(reversed(list(rows)))
+        return list(reversed(newest_first))
 
     def events_between(
         self, run_id: str, *, after_id: int, before_id: int, limit: int
-    ) -> list[Row[Any]]:
-        return list(
-            self.conn.execute(
-                select(events)
-                .where(events.c.run_id == run_id, events.c.id > after_id, events.c.id < before_id)
-                .order_by(events.c.id)
-                .limit(limit)
-            )
+    ) -> list[EventRecord]:
+        return self._events(
+            select(events)
+            .where(events.c.run_id == run_id, events.c.id > after_id, events.c.id < before_id)
+            .order_by(events.c.id)
+            .limit(limit)
         )
+
+    def _events(self, query: Select[Any]) -> list[EventRecord]:
+        return [EventRecord.of(row) for row in self.conn.execute(query)]
 
     # --- approvals ------------------------------------------------------------------
 
@@ -701,13 +703,19 @@ class Tx:
             )
         )
 
-    def pending_approval(self, run_id: str) -> Row[Any] | None:
-        return self.conn.execute(
-            select(approvals).where(approvals.c.run_id == run_id, approvals.c.status == "pending")
-        ).first()
+    def pending_approval(self, run_id: str) -> ApprovalRecord | None:
+        return _approval(
+            self.conn.execute(
+                select(approvals).where(
+                    approvals.c.run_id == run_id, approvals.c.status == "pending"
+                )
+            ).first()
+        )
 
-    def get_approval(self, approval_id: str) -> Row[Any] | None:
-        return self.conn.execute(select(approvals).where(approvals.c.id == approval_id)).first()
+    def get_approval(self, approval_id: str) -> ApprovalRecord | None:
+        return _approval(
+            self.conn.execute(select(approvals).where(approvals.c.id == approval_id)).first()
+        )
 
     def decide_approval(
         self,
@@ -718,9 +726,9 @@ class Tx:
         comment: str,
         edited_args: dict[str, Any] | None,
         now: datetime,
-    ) -> Row[Any] | None:
+    ) -> ApprovalRecord | None:
         """Move a pending approval to decided, exactly once; None if it was not pending."""
-        return self.conn.execute(
+        found = self.conn.execute(
             update(approvals)
             .where(approvals.c.id == approval_id, approvals.c.status == "pending")
             .values(
@@ -733,6 +741,7 @@ class Tx:
             )
             .returning(*approvals.c)
         ).first()
+        return _approval(found)
 
     def close_approvals(self, run_id: str, status: str) -> None:
         self.conn.execute(
@@ -743,33 +752,38 @@ class Tx:
 
     def overdue_approvals(
         self, *, kind: str, opened_before: datetime, now: datetime, limit: int = 100
-    ) -> list[Row[Any]]:
+    ) -> list[ApprovalRecord]:
         """Pending approvals of `kind` past their own expires_at, or, without one,
         opened before `opened_before` (the configured time to live)."""
-        return list(
-            self.conn.execute(
-                select(approvals)
-                .where(
-                    approvals.c.status == "pending",
-                    approvals.c.kind == kind,
-                    or_(
-                        approvals.c.expires_at < now,
-                        approvals.c.expires_at.is_(None) & (approvals.c.created_at < opened_before),
-                    ),
-                )
-                .order_by(approvals.c.created_at)
-                .limit(limit)
+        rows = self.conn.execute(
+            select(approvals)
+            .where(
+                approvals.c.status == "pending",
+                approvals.c.kind == kind,
+                or_(
+                    approvals.c.expires_at < now,
+                    approvals.c.expires_at.is_(None) & (approvals.c.created_at < opened_before),
+                ),
             )
+            .order_by(approvals.c.created_at)
+            .limit(limit)
+        )
+        return [ApprovalRecord.of(row) for row in rows]
+
+    def expire_approval(self, approval_id: str, *, now: datetime) -> ApprovalRecord | None:
+        """Move a pending approval to expired, exactly once; None if it was not pending."""
+        return _approval(
+            self.conn.execute(
+                update(approvals)
+                .where(approvals.c.id == approval_id, approvals.c.status == "pending")
+                .values(status="expired", decided_at=now)
+                .returning(*approvals.c)
+            ).first()
         )
 
-    def expire_approval(self, approval_id: str, *, now: datetime) -> Row[Any] | None:
-        """Move a pending approval to expired, exactly once; None if it was not pending."""
-        return self.conn.execute(
-            update(approvals)
-            .where(approvals.c.id == approval_id, approvals.c.status == "pending")
-            .values(status="expired", decided_at=now)
-            .returning(*approvals.c)
-        ).first()
+
+def _approval(row: Row[Any] | None) -> ApprovalRecord | None:
+    return None if row is None else ApprovalRecord.of(row)
 
 
 def _overdue(before: datetime, now: datetime) -> list[ColumnElement[bool]]:
@@ -787,7 +801,9 @@ def step_from_row(row: Row[Any], prefix: str = "") -> Step:
     return Step.model_validate({field: values[prefix + field] for field in Step.model_fields})
 
 
-def snapshot_from_row(row: Row[Any], plan: list[Step], *, claimed: bool = False) -> RunSnapshot:
+def snapshot_from_row(
+    row: Row[Any] | RunRecord, plan: list[Step], *, claimed: bool = False
+) -> RunSnapshot:
     """The run as stored, or (`claimed`) as a claim of it leaves it: the claim bumps
     the tick and the iteration and sets the run running."""
     bump = 1 if claimed else 0

@@ -18,20 +18,20 @@ the tool does not take), 429 when rate limits are on.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import wraps
 from typing import Any, TypeVar, cast
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from sqlalchemy import Row
 
 from app.engine import sanitize
 from app.errors import NotFound
 from app.service import Conflict, Forbidden, InvalidInput, RunView
 from app.service.permissions import Actor
 from app.store.accounts import User
+from app.store.records import RunRecord
 from app.web import deps, schemas
 from app.web.auth import bearer_user
 
@@ -380,15 +380,15 @@ def _state(run_id: str) -> ResponseReturnValue:
     return jsonify(_run(deps.service().status(run_id).run))
 
 
-def _fields(run: Row[Any]) -> dict[str, Any]:
-    return {**run._mapping, "url": url_for("runs.show", run_id=run.id, _external=True)}
+def _fields(run: RunRecord) -> dict[str, Any]:
+    return {**asdict(run), "url": url_for("runs.show", run_id=run.id, _external=True)}
 
 
-def _run_model(run: Row[Any]) -> schemas.Run:
+def _run_model(run: RunRecord) -> schemas.Run:
     return schemas.Run.model_validate(_fields(run))
 
 
-def _run(run: Row[Any]) -> dict[str, Any]:
+def _run(run: RunRecord) -> dict[str, Any]:
     return _run_model(run).model_dump(mode="json")
 
 

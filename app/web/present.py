@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row
-
 from app.engine.models import Step, StepStatus
+from app.store.records import EventRecord, RunRecord
 
 SHORT_CHARS = 90
 
@@ -80,7 +79,7 @@ class PlanVersion:
     created_at: datetime | None = None
 
 
-def plan_history(events: list[Row[Any]], steps: list[Step]) -> list[PlanVersion]:
+def plan_history(events: list[EventRecord], steps: list[Step]) -> list[PlanVersion]:
     """Every plan version, newest first, from the run's `plan` events and its steps."""
     by_version: dict[int, list[Step]] = defaultdict(list)
     for step in steps:
@@ -120,15 +119,15 @@ def _label(planned: dict[str, Any]) -> str:
     return f"{planned.get('description', '')} [{planned.get('tool', '')}]"
 
 
-def step_history(events: list[Row[Any]]) -> dict[int, list[Row[Any]]]:
+def step_history(events: list[EventRecord]) -> dict[int, list[EventRecord]]:
     """Each step's own events (calls, results, errors, retries, approvals), in order."""
-    history: dict[int, list[Row[Any]]] = defaultdict(list)
+    history: dict[int, list[EventRecord]] = defaultdict(list)
     for event in events:
         if event.step_id is not None:
             history[int(event.step_id)].append(event)
     return history
 
 
-def state_key(run: Row[Any]) -> str:
+def state_key(run: RunRecord) -> str:
     """Changes whenever the run's row does: the page re-renders its sections then."""
     return f"{run.status}-{run.iteration}-{round(run.updated_at.timestamp() * 1e6)}"
