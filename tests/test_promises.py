@@ -187,6 +187,25 @@ def test_an_internal_error_of_the_lease_holder_fails_the_run_with_the_reason(
     assert ("failed", run_id) in harness.notifier.sent
 
 
+def test_an_internal_error_after_the_claim_but_before_the_slow_work_fails_the_run(
+    harness: Harness,
+):
+    """The claim has committed (the tick moved on): the failure is recorded under the
+    lease, not dropped as if another worker held the run."""
+
+    class SpecsThatBreak(ToolRegistry):
+        def specs(self) -> list[dict[str, Any]]:
+            raise RuntimeError("a bug while telling the planner about the tools")
+
+    harness.service.tools = SpecsThatBreak(harness.service.tools)
+    run_id = harness.service.create_run("plan")
+    with pytest.raises(RuntimeError):
+        harness.step()
+    row = run_row(harness, run_id)
+    assert row.status == RunStatus.FAILED and row.lease_owner is None
+    assert "a bug while telling the planner" in (row.error or "")
+
+
 # --- 4. one lock order: the run row first ---------------------------------------------
 
 

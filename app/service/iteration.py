@@ -43,6 +43,14 @@ SAVE_RETRY_MAX_WAIT = 4.0
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """A run this worker has just claimed for slow work, and how long its lease holds."""
+
+    run: RunSnapshot
+    lease_until: datetime
+
+
+@dataclass(frozen=True)
 class SlowWork:
     """What the slow part of an iteration needs, read when the run was claimed."""
 
@@ -82,7 +90,8 @@ class Iteration(Context, Work):
             run = claimed.run
             guard = Guard(owner=self.worker_id, tick=run.tick)  # the lease is ours now
             assert isinstance(action, Execute | Plan)  # only slow work leaves _claim unsettled
-            self._finish(claimed, action, self._slow_work(stored.row.planner, claimed, action))
+            work = self._prepare(stored.row, claimed, action)
+            self._finish(work, action, self._slow_work(stored.row.planner, work, action))
         except DBAPIError as exc:
             if database_away(exc):
                 raise  # nothing more can be written now; the lease lapses, others recover
@@ -112,10 +121,10 @@ class Iteration(Context, Work):
         run: RunSnapshot,
         action: Fail | AwaitHuman | Execute | Plan,
         now: datetime,
-    ) -> Transition | SlowWork | None:
+    ) -> Transition | Claimed | None:
         """Claim the run with the first write of the iteration: settle a quick action
-        (returning what it changed) or mark slow work begun (returning what the work
-        needs). None if the run is no longer as it was read."""
+        (returning what it changed) or mark slow work begun (returning the run as
+        claimed). None if the run is no longer as it was read."""
         claim = Guard.claim(self.worker_id, row)
         match action:
             case Fail() | AwaitHuman():
@@ -141,11 +150,7 @@ class Iteration(Context, Work):
                     durable=not self._idempotent(step),
                 ):
                     return None
-                return SlowWork(
-                    apply_transition(run, began),
-                    lease_until=lease_until,
-                    args=self._resolve_args(run, step),
-                )
+                return Claimed(apply_transition(run, began), lease_until)
             case Plan():
                 lease = self.llm_timeout * (run.config.max_plan_repairs + 1) + self.lease_grace
                 lease_until = now + timedelta(seconds=lease)
@@ -159,13 +164,22 @@ class Iteration(Context, Work):
                     durable=False,  # if lost, the planner is simply asked again
                 ):
                     return None
-                with self.store.transaction() as tx:
-                    # A new plan supersedes every pending step: the planner and the fold
-                    # see the whole current plan, not only the steps `decide` looked at.
-                    plan = tx.plan_steps(run.id, run.plan_version)
-                    run = run.model_copy(update={"steps": plan})
-                    request = self._plan_request(tx, row, run, action)
-                return SlowWork(run, lease_until=lease_until, request=request)
+                return Claimed(run, lease_until)
+
+    def _prepare(self, row: Row[Any], claimed: Claimed, action: Execute | Plan) -> SlowWork:
+        """What the slow work needs, read under the lease just taken: a step's args
+        with their references filled in, or what the planner is told."""
+        run = claimed.run
+        if isinstance(action, Execute):
+            args = self._resolve_args(run, run.step(action.step_id))
+            return SlowWork(run, lease_until=claimed.lease_until, args=args)
+        with self.store.transaction() as tx:
+            # A new plan supersedes every pending step: the planner and the fold see the
+            # whole current plan, not only the steps `decide` looked at.
+            plan = tx.plan_steps(run.id, run.plan_version)
+            run = run.model_copy(update={"steps": plan})
+            request = self._plan_request(tx, row, run, action)
+        return SlowWork(run, lease_until=claimed.lease_until, request=request)
 
     def _slow_work(
         self, planner_kind: str, work: SlowWork, action: Execute | Plan
