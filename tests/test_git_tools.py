@@ -471,10 +471,10 @@ def test_modules_load_with_their_flags() -> None:
 # --- a run through the service ------------------------------------------------------
 
 
-def test_a_run_checks_out_diffs_reads_and_posts_a_status_without_leaking_the_token(
+def test_a_run_checks_out_diffs_reads_posts_a_status_and_comments_without_leaking_the_token(
     harness: Harness, gh: FakeGitHub, origin: Origin
 ) -> None:
-    for item in (git_checkout_pr, git_diff, github_pr, github_status):
+    for item in (git_checkout_pr, git_diff, github_pr, github_status, github_comment):
         harness.service.tools.register(item)
     harness.planner.script = [
         PlanProduced(
@@ -498,6 +498,16 @@ def test_a_run_checks_out_diffs_reads_and_posts_a_status_without_leaking_the_tok
                         "description": "diffed by agentloop",
                     },
                 ),
+                PlannedStep(
+                    description="Tell the author",
+                    tool="github_comment",
+                    args={
+                        "repo": REPO,
+                        "number": 7,
+                        "body": "Checked ${steps.1.result.sha}: "
+                        "${steps.2.result.files_changed} files changed.",
+                    },
+                ),
             ]
         )
     ]
@@ -510,12 +520,20 @@ def test_a_run_checks_out_diffs_reads_and_posts_a_status_without_leaking_the_tok
     harness.service.approve(run_id, by="reviewer")
     harness.drain()
     view = harness.service.status(run_id)
+    assert view.run.status == RunStatus.PAUSED, [e.message for e in view.events]
+    assert len(gh.received("POST")) == 1  # the status; the comment waits for its approval
+    harness.service.approve(run_id, by="reviewer")
+    harness.drain()
+    view = harness.service.status(run_id)
     assert view.run.status == RunStatus.COMPLETED, [e.message for e in view.events]
 
     (posted,) = gh.received("POST", f"/repos/{REPO}/statuses/{origin.pr_sha}")
     assert posted.headers["Authorization"] == f"Bearer {TOKEN}"
     assert posted.body["state"] == "success"
     assert all(r.headers["Authorization"] == f"Basic {BASIC}" for r in gh.received("GET", "/git/"))
+    (comment,) = gh.received("POST", f"/repos/{REPO}/issues/7/comments")
+    assert comment.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert comment.body["body"].startswith(f"Checked {origin.pr_sha}: 2 files changed.")
     by_tool = {s.tool: s for s in view.steps}
     assert by_tool["git_diff"].result["files_changed"] == 2
     assert by_tool["github_pr"].result["title"] == "Add a README"
@@ -524,5 +542,8 @@ def test_a_run_checks_out_diffs_reads_and_posts_a_status_without_leaking_the_tok
     seen += [repr(s.result) + repr(s.error) + repr(s.args) for s in view.steps]
     seen += [request.model_dump_json() for request in harness.planner.requests]
     assert harness.planner.requests
+    # What is searched holds the tools' own words: a leak would be there.
+    assert any("Add a README" in e.message for e in view.events)
+    assert any("acme/shop#7" in r for r in seen[-len(harness.planner.requests) :])
     for text in seen:
         assert TOKEN not in text and BASIC not in text
