@@ -236,11 +236,85 @@ def upgrade() -> None:
     try:
         migrate(url)
     except Exception as exc:
-        raise StoreUnavailable(
-            f"cannot migrate the database at {redact_url(url)}: {exc}. "
-            "Start it or set DATABASE_URL."
-        ) from None
+        raise StoreUnavailable(_migrate_failure(url, exc)) from None
     click.echo(f"database at {redact_url(url)} is at the latest schema")
+
+
+def _migrate_failure(url: str, exc: Exception) -> str:
+    """One line: why `db upgrade` failed and what to do (createdb for a missing database)."""
+    from sqlalchemy.engine import make_url
+
+    shown = redact_url(url)
+    first_line = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
+    if "does not exist" in first_line and url.startswith("postgresql"):
+        parsed = make_url(url)
+        argv = ["createdb"]
+        if parsed.host:
+            argv += ["-h", parsed.host]
+        if parsed.port:
+            argv += ["-p", str(parsed.port)]
+        if parsed.username:
+            argv += ["-U", parsed.username]
+        argv.append(parsed.database or "agentloop")
+        return (
+            f"the database at {shown} does not exist: create it with `{' '.join(argv)}` "
+            "(or ask your database administrator), then run `agentloop db upgrade` again"
+        )
+    return (
+        f"cannot migrate the database at {shown}: {first_line.rstrip('.')}. "
+        "Start it or set DATABASE_URL."
+    )
+
+
+@main.command("tools")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: every field and the schema.")
+@friendly_errors
+def tools_command(as_json: bool) -> None:
+    """List the tools a run may use, where each comes from, its flags and arguments."""
+    from app.wiring import build_registry
+
+    settings = load_settings()
+    try:
+        registry = build_registry(settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    listed = [_tool_entry(registry, t.name) for t in registry]
+    if as_json:
+        click.echo(json.dumps(listed, indent=2, default=str))
+        return
+    for entry in listed:
+        flags = [
+            "needs approval" if entry["requires_approval"] else "no approval",
+            "idempotent" if entry["idempotent"] else "not idempotent",
+            f"timeout {entry['timeout']:g} s",
+        ]
+        if entry["safe_calls"]:
+            flags.append(f"{len(entry['safe_calls'])} safe calls")
+        click.echo(f"{entry['name']}  [{entry['source']}]  {', '.join(flags)}")
+        click.echo(f"    {entry['description']}")
+        properties = entry["schema"].get("properties", {})
+        required = set(entry["schema"].get("required", []))
+        for arg, schema in properties.items():
+            kind = schema.get("type") or "|".join(
+                str(s.get("type", "?")) for s in schema.get("anyOf", [])
+            )
+            marker = "" if arg in required else "?"
+            click.echo(f"    - {arg}{marker}: {kind or 'any'}  {schema.get('description', '')}")
+    click.echo(f"\n{len(listed)} tools")
+
+
+def _tool_entry(registry: Any, name: str) -> dict[str, Any]:
+    tool = registry.get(name)
+    return {
+        "name": tool.name,
+        "source": registry.source(name) or "unknown",
+        "description": tool.description,
+        "requires_approval": tool.requires_approval,
+        "idempotent": tool.idempotent,
+        "timeout": tool.timeout,
+        "safe_calls": [list(call) for call in tool.safe_calls],
+        "schema": tool.args_model.model_json_schema(),
+    }
 
 
 @main.command()

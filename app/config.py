@@ -9,12 +9,28 @@ from __future__ import annotations
 import shlex
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_TOOL_MODULES = ("app.tools.builtin", "app.tools.demo")
+# The tools every deployment has. The demo tools (app.tools.demo) are not among
+# them: `agentloop demo` adds them, anyone else asks with AGENTLOOP_TOOL_MODULES.
+DEFAULT_TOOL_MODULES = ("app.tools.builtin",)
+DEMO_TOOL_MODULE = "app.tools.demo"
+
+# URL schemes each setting accepts, and what to write instead.
+DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2", "sqlite")
+BROKER_SCHEMES = (
+    "redis",
+    "rediss",
+    "redis+socket",
+    "sentinel",
+    "filesystem",
+    "memory",
+    "amqp",
+    "pyamqp",
+)
 
 
 class ConfigError(Exception):
@@ -35,9 +51,14 @@ class Settings(BaseSettings):
     )
     # Extra tool modules (comma-separated), loaded after the built-ins.
     tool_modules: str = ""
+    # Whether tools and runbooks of installed plug-in packages (entry points in the
+    # groups agentloop.tools and agentloop.runbooks) are loaded.
+    entry_points: bool = True
     workspace_root: Path | None = None
-    # Offline planner runbooks; the shipped ones (app/planner/runbooks) when unset.
+    # More offline planner runbooks, used besides the shipped ones (app/planner/runbooks).
     runbooks_dir: Path | None = None
+    # MCP servers whose tools join the registry (TOML or JSON, see docs/mcp.md); none when unset.
+    mcp_config: Path | None = None
     # How long past a step's timeout a lease is kept before another worker may recover it.
     lease_grace: float = Field(30.0, gt=0, le=3600)
     # Longest countdown handed to the broker; longer waits stay in next_run_at.
@@ -90,15 +111,37 @@ class Settings(BaseSettings):
     approval_expiry: Literal["reject", "fail"] = "reject"
     expire_interval: float = Field(60.0, gt=0, le=3600)
 
-    @field_validator("runbooks_dir", "workspace_root", mode="before")
+    @field_validator("runbooks_dir", "workspace_root", "mcp_config", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("database_url", "broker_url")
+    @field_validator("database_url")
     @classmethod
-    def _strip(cls, value: str) -> str:
-        return value.strip()
+    def _database_url(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            check_url(
+                "DATABASE_URL",
+                value,
+                DATABASE_SCHEMES,
+                "postgresql://USER@HOST/NAME or sqlite:///PATH, or leave it unset for SQLite "
+                "in AGENTLOOP_DATA_DIR",
+            )
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            check_url(
+                "CELERY_BROKER_URL",
+                value,
+                BROKER_SCHEMES,
+                "redis://HOST:6379/0, or leave it unset for the embedded filesystem broker",
+            )
+        return value
 
     @cached_property
     def resolved_database_url(self) -> str:
@@ -128,8 +171,16 @@ class Settings(BaseSettings):
 
     @property
     def all_tool_modules(self) -> list[str]:
+        """The built-in tool modules, then AGENTLOOP_TOOL_MODULES (each once)."""
         extra = [m.strip() for m in self.tool_modules.split(",") if m.strip()]
-        return [*DEFAULT_TOOL_MODULES, *extra]
+        return list(dict.fromkeys([*DEFAULT_TOOL_MODULES, *extra]))
+
+    def with_demo_tools(self) -> Settings:
+        """These settings with the demo tools added (what `agentloop demo` runs with)."""
+        if DEMO_TOOL_MODULE in self.all_tool_modules:
+            return self
+        modules = ",".join([DEMO_TOOL_MODULE, *self.all_tool_modules[len(DEFAULT_TOOL_MODULES) :]])
+        return self.model_copy(update={"tool_modules": modules})
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -137,10 +188,35 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def _problem(err: Any) -> str:
+    """One validation error as a phrase; a URL error already names its variable."""
+    error = err.get("ctx", {}).get("error")
+    if isinstance(error, BadURL):
+        return str(error)
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+
+
+class BadURL(ValueError):
+    """A URL setting that cannot work; the message names the variable."""
+
+
+def check_url(variable: str, url: str, schemes: tuple[str, ...], example: str) -> None:
+    """Raise BadURL (naming `variable`, never the password) unless `url` has one of `schemes`."""
+    scheme, sep, rest = url.partition("://")
+    shown = redact_url(url) if sep else url
+    if not sep or not scheme:
+        raise BadURL(f"{variable}={shown!r} is not a URL: use {example}")
+    if scheme.lower() not in schemes:
+        raise BadURL(
+            f"{variable}={shown!r}: agentloop does not support {scheme}:// "
+            f"(supported: {', '.join(s + '://' for s in schemes)}); use {example}"
+        )
+    if scheme.lower().startswith("postgres") and not rest.strip("/"):
+        raise BadURL(f"{variable}={shown!r} names no server or database: use {example}")
 
 
 def with_psycopg2(url: str) -> str:

@@ -39,6 +39,9 @@ def run_demo(settings: Settings, *, stdin: IO[str] = sys.stdin) -> int:
     from app.cli import connect
     from app.store.migrate import upgrade
 
+    # The demo tools are registered for the demo only: in this process and in the
+    # worker it starts (which reads the same environment).
+    os.environ["AGENTLOOP_TOOL_MODULES"] = settings.with_demo_tools().tool_modules
     upgrade(settings.resolved_database_url)
     settings, service = connect()
     print(

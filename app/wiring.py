@@ -9,9 +9,33 @@ from app.planner.factory import PlannerFactory, default_planner_kind
 from app.service import AgentService, Dispatcher, Notifier
 from app.service.permissions import ApprovalPolicy
 from app.store.repo import DatabaseClock, Store, make_engine
-from app.tools.registry import load_registry
+from app.tools.registry import ToolRegistry, load_registry
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+
+def _examples_dir() -> Path:
+    """The sample projects: examples/ of a checkout, else the copy a wheel ships in app/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "examples", here / "examples"):
+        if (candidate / "shop" / "build.py").is_file():
+            return candidate
+    return here / "examples"
+
+
+EXAMPLES_DIR = _examples_dir()
+
+
+def build_registry(settings: Settings) -> ToolRegistry:
+    """The tools `settings` name: the built-ins, AGENTLOOP_TOOL_MODULES, and (unless
+    AGENTLOOP_ENTRY_POINTS=false) installed plug-ins. Raises ValueError naming what
+    cannot be loaded, or both sources of a tool registered twice."""
+    tools = load_registry(settings.all_tool_modules, entry_points=settings.entry_points)
+    if "shell" in tools:
+        tools.declare_safe("shell", [("argv", c) for c in settings.safe_command_prefixes])
+    if settings.mcp_config is not None:
+        from app.tools.mcp import register_mcp_tools
+
+        register_mcp_tools(tools, settings.mcp_config)
+    return tools
 
 
 def build_service(settings: Settings, dispatcher: Dispatcher, notifier: Notifier) -> AgentService:
@@ -22,9 +46,7 @@ def build_service(settings: Settings, dispatcher: Dispatcher, notifier: Notifier
     outbox = (settings.data_dir / "outbox").resolve()
     outbox.mkdir(parents=True, exist_ok=True)
     store = Store(make_engine(settings.resolved_database_url))
-    tools = load_registry(settings.all_tool_modules)
-    if "shell" in tools:
-        tools.declare_safe("shell", [("argv", c) for c in settings.safe_command_prefixes])
+    tools = build_registry(settings)
     return AgentService(
         store=store,
         tools=tools,

@@ -28,7 +28,8 @@ os.environ.update(
     DATABASE_URL=f"{PG_SERVER}/{TEST_DB}",
     CELERY_BROKER_URL=REDIS_URL,
     AGENTLOOP_DATA_DIR=str(DATA_DIR),
-    AGENTLOOP_TOOL_MODULES="tests.support.tools",
+    # The demo tools are not registered by default; the suite asks for them.
+    AGENTLOOP_TOOL_MODULES="app.tools.demo,tests.support.tools",
     AGENTLOOP_RUNBOOKS_DIR=str(ROOT / "tests" / "support" / "runbooks"),
     AGENTLOOP_LEASE_GRACE="1.5",
     AGENTLOOP_SWEEP_GRACE="0.5",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 from app.config import Settings
 from app.planner.base import Planner
@@ -14,6 +15,24 @@ ANTHROPIC = "anthropic"
 def default_planner_kind(settings: Settings) -> str:
     """`anthropic` when ANTHROPIC_API_KEY is set, `offline` otherwise."""
     return ANTHROPIC if settings.anthropic_api_key else OFFLINE
+
+
+def runbook_dirs(settings: Settings) -> list[Path]:
+    """Where the offline planner's runbooks come from, searched in this order:
+    AGENTLOOP_RUNBOOKS_DIR, installed plug-ins (`agentloop.runbooks` entry points,
+    unless AGENTLOOP_ENTRY_POINTS=false), then the shipped runbooks. Each adds to the
+    others; a runbook name may be used only once."""
+    from app.planner.offline import RUNBOOKS_DIR
+    from app.tools.registry import runbook_dirs_from_entry_points
+
+    dirs = [settings.runbooks_dir] if settings.runbooks_dir is not None else []
+    if settings.entry_points:
+        dirs += runbook_dirs_from_entry_points()
+    dirs.append(RUNBOOKS_DIR)
+    unique: dict[Path, None] = {}
+    for directory in dirs:
+        unique.setdefault(directory.resolve(), None)
+    return list(unique)
 
 
 class PlannerFactory:
@@ -30,7 +49,7 @@ class PlannerFactory:
         if kind == OFFLINE:
             from app.planner.offline import OfflinePlanner
 
-            return OfflinePlanner(self.settings.runbooks_dir)
+            return OfflinePlanner(runbook_dirs(self.settings))
         if kind == ANTHROPIC:
             if not self.settings.anthropic_api_key:
                 raise ValueError("the anthropic planner needs ANTHROPIC_API_KEY")

@@ -206,21 +206,25 @@ class Runbook(BaseModel):
         return f"{self.name} ({self.description} Tasks like: /{self.match.pattern}/)"
 
 
-def load_runbooks(directory: Path) -> list[Runbook]:
-    """Every `*.toml` runbook in `directory`, by file name.
+def load_runbooks(*directories: Path) -> list[Runbook]:
+    """Every `*.toml` runbook in each of `directories`, in that order, by file name.
 
-    Raises RunbookError naming the file for unreadable TOML, an invalid
-    runbook, or two runbooks with one name.
+    Raises RunbookError naming the file for unreadable TOML, an invalid runbook,
+    a directory that does not exist, or two runbooks with one name (naming both files).
     """
-    if not directory.is_dir():
-        raise RunbookError(f"runbook directory {directory} does not exist")
-    runbooks: dict[str, Runbook] = {}
-    for path in sorted(directory.glob("*.toml")):
-        runbook = _load_runbook(path)
-        if runbook.name in runbooks:
-            raise RunbookError(f"{path}: a runbook named {runbook.name!r} already exists")
-        runbooks[runbook.name] = runbook
-    return list(runbooks.values())
+    runbooks: dict[str, tuple[Path, Runbook]] = {}
+    for directory in directories:
+        if not directory.is_dir():
+            raise RunbookError(f"runbook directory {directory} does not exist")
+        for path in sorted(directory.glob("*.toml")):
+            runbook = _load_runbook(path)
+            if runbook.name in runbooks:
+                raise RunbookError(
+                    f"{path}: a runbook named {runbook.name!r} already exists "
+                    f"({runbooks[runbook.name][0]}); runbook names must be unique"
+                )
+            runbooks[runbook.name] = (path, runbook)
+    return [runbook for _, runbook in runbooks.values()]
 
 
 def _load_runbook(path: Path) -> Runbook:
@@ -252,9 +256,20 @@ class OfflinePlanner:
 
     name = "offline (runbook)"
 
-    def __init__(self, runbooks_dir: Path | None = None) -> None:
-        self.runbooks_dir = runbooks_dir or RUNBOOKS_DIR
-        self.runbooks = load_runbooks(self.runbooks_dir)
+    def __init__(self, runbooks_dir: Path | Sequence[Path] | None = None) -> None:
+        """Runbooks from `runbooks_dir` (a directory, or several searched in order);
+        the shipped ones when None."""
+        if runbooks_dir is None:
+            self.runbooks_dirs: tuple[Path, ...] = (RUNBOOKS_DIR,)
+        elif isinstance(runbooks_dir, Path):
+            self.runbooks_dirs = (runbooks_dir,)
+        else:
+            self.runbooks_dirs = tuple(runbooks_dir)
+        self.runbooks = load_runbooks(*self.runbooks_dirs)
+
+    @property
+    def runbooks_dir(self) -> str:
+        return ", ".join(str(d) for d in self.runbooks_dirs)
 
     def plan(self, request: PlanRequest, *, check: PlanCheck) -> PlanOutcome:
         """A plan for request.purpose; PlannerFatal when no runbook can help."""

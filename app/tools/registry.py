@@ -13,8 +13,9 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -125,15 +126,22 @@ class UnknownTool(KeyError):
 class ToolRegistry:
     def __init__(self, tools: Iterable[Tool] = ()) -> None:
         self._tools: dict[str, Tool] = {}
+        self._sources: dict[str, str] = {}
         self._specs: dict[str, dict[str, Any]] = {}
         self._policies: dict[str, ToolPolicy] = {}
         for tool in tools:
             self.register(tool)
 
-    def register(self, tool: Tool) -> None:
+    def register(self, tool: Tool, *, source: str = "") -> None:
+        """Add `tool`; `source` says where it came from (e.g. "module app.tools.builtin").
+
+        Raises ValueError naming both sources when a tool of that name is registered."""
         if tool.name in self._tools:
-            raise ValueError(f"tool {tool.name!r} is registered twice")
+            first = self._sources.get(tool.name) or "an earlier registration"
+            second = source or "a later registration"
+            raise ValueError(f"tool {tool.name!r} is registered twice: by {first} and by {second}")
         self._tools[tool.name] = tool
+        self._sources[tool.name] = source
         # Built once: schemas are slow to generate, and every iteration asks for the
         # policies and every planner call for the specs.
         self._specs[tool.name] = tool.spec()
@@ -151,6 +159,11 @@ class ToolRegistry:
         except KeyError:
             known = ", ".join(sorted(self._tools))
             raise UnknownTool(f"unknown tool {name!r}; known tools: {known}") from None
+
+    def source(self, name: str) -> str:
+        """Where tool `name` came from ("" when it was registered without a source)."""
+        self.get(name)
+        return self._sources.get(name, "")
 
     def __contains__(self, name: object) -> bool:
         return name in self._tools
@@ -230,13 +243,26 @@ def tool(
     return wrap
 
 
-def load_registry(modules: Iterable[str]) -> ToolRegistry:
-    """Tools from each module's `TOOLS` list, e.g. `app.tools.builtin`.
+TOOLS_GROUP = "agentloop.tools"
+RUNBOOKS_GROUP = "agentloop.runbooks"
+BUILTIN_MODULES = ("app.tools.builtin",)
 
-    Raises ValueError naming the module when one cannot be imported or has no TOOLS.
+
+def load_registry(modules: Iterable[str], *, entry_points: bool = False) -> ToolRegistry:
+    """Tools from each module's `TOOLS` list, e.g. `app.tools.builtin`, then (with
+    `entry_points`) from every installed plug-in's `agentloop.tools` entry point.
+
+    Each tool remembers its source ("builtin", "module NAME", "entry point NAME
+    (DIST)"). Raises ValueError naming the module or entry point when one cannot be
+    loaded or has no TOOLS, and naming both sources when a tool name is taken.
     """
     registry = ToolRegistry()
+    loaded: set[str] = set()
     for module_path in modules:
+        if module_path in loaded:
+            continue
+        loaded.add(module_path)
+        source = "builtin" if module_path in BUILTIN_MODULES else f"module {module_path}"
         try:
             module = importlib.import_module(module_path)
         except ImportError as exc:
@@ -244,9 +270,82 @@ def load_registry(modules: Iterable[str]) -> ToolRegistry:
         tools = getattr(module, "TOOLS", None)
         if not isinstance(tools, list | tuple):
             raise ValueError(f"tool module {module_path!r} has no TOOLS list")
-        for item in tools:
-            registry.register(item)
+        _register_all(registry, tools, source, f"tool module {module_path!r}")
+    if entry_points:
+        for ep in _entry_points(TOOLS_GROUP):
+            module_name, _, attr = (part.strip() for part in ep.value.partition(":"))
+            if module_name in loaded and attr in ("", "TOOLS"):
+                continue  # the same module, configured by name as well
+            loaded.add(module_name)
+            source = f"entry point {_describe(ep)}"
+            try:
+                found = ep.load()
+            except Exception as exc:
+                raise ValueError(f"cannot load tool {source}: {exc}") from exc
+            tools = getattr(found, "TOOLS", found)
+            if isinstance(tools, Tool):
+                tools = [tools]
+            if not isinstance(tools, list | tuple):
+                raise ValueError(
+                    f"tool {source} names neither a module with a TOOLS list nor a list of tools"
+                )
+            _register_all(registry, tools, source, f"tool {source}")
     return registry
+
+
+def _register_all(registry: ToolRegistry, tools: Iterable[Any], source: str, what: str) -> None:
+    for item in tools:
+        if not isinstance(item, Tool):
+            raise ValueError(f"{what}: {item!r} is not a tool (use the @tool decorator)")
+        registry.register(item, source=source)
+
+
+def runbook_dirs_from_entry_points() -> list[Path]:
+    """The runbook directories installed plug-ins declare (`agentloop.runbooks`).
+
+    An entry point names a package (its directory holds the *.toml files) or an
+    object that is a path (`mypkg.paths:RUNBOOKS`). Raises ValueError naming the
+    entry point when it cannot be loaded or is not a directory."""
+    found: list[Path] = []
+    for ep in _entry_points(RUNBOOKS_GROUP):
+        try:
+            target = ep.load()
+        except Exception as exc:
+            raise ValueError(f"cannot load runbooks entry point {_describe(ep)}: {exc}") from exc
+        if isinstance(target, ModuleType):
+            locations = list(getattr(target, "__path__", []))
+            if not locations and target.__file__:
+                locations = [str(Path(target.__file__).parent)]
+            path = Path(locations[0]) if locations else None
+        elif isinstance(target, str | Path):
+            path = Path(target)
+        else:
+            path = None
+        if path is None or not path.is_dir():
+            raise ValueError(
+                f"runbooks entry point {_describe(ep)} names no directory "
+                "(name a package of *.toml files, or a str or Path)"
+            )
+        found.append(path)
+    return found
+
+
+def _entry_points(group: str) -> list[metadata.EntryPoint]:
+    """The group's entry points, each (distribution, name) once, in a stable order."""
+    unique: dict[tuple[str, str], metadata.EntryPoint] = {}
+    for ep in metadata.entry_points(group=group):
+        unique.setdefault((_dist_name(ep), ep.name), ep)
+    return sorted(unique.values(), key=lambda ep: (_dist_name(ep), ep.name))
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return str(dist.metadata["Name"]) if dist is not None else ""
+
+
+def _describe(ep: metadata.EntryPoint) -> str:
+    dist = _dist_name(ep)
+    return f"{ep.name} = {ep.value}" + (f" (package {dist})" if dist else "")
 
 
 # --- running a tool ---------------------------------------------------------------

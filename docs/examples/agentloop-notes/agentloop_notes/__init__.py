@@ -1,0 +1,1 @@
+"""An example agentloop plug-in (docs/tools.md, docs/runbooks.md)."""

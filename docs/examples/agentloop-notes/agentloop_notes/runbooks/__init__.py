@@ -1,0 +1,1 @@
+"""Runbooks of the example plug-in: every *.toml file in this directory."""
