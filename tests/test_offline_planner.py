@@ -447,3 +447,15 @@ def test_the_demo_task_runs_to_completion_offline(
     assert report.startswith("# PR #42 deployed to staging")
     assert final_report == report  # the planner finished with the report step's markdown
     assert (tmp_path / "outbox" / "slack-run-1.json").is_file()
+
+
+def test_a_runbook_whose_tools_this_deployment_lacks_is_not_followed(planner: OfflinePlanner):
+    """deploy_pr ships with the package but uses the demo's tools: a deployment without
+    them is told so, instead of getting a plan of unknown tools."""
+    asked = request("initial").model_copy(update={"tools": []})
+    outcome = planner.plan(asked, check=lambda steps: [])
+    assert isinstance(outcome, PlannerFatal)
+    assert "runbook deploy_pr matches the task but uses tools this deployment does not have" in (
+        outcome.error
+    )
+    assert "checkout_pr" in outcome.error

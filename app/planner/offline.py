@@ -295,10 +295,19 @@ class OfflinePlanner:
                 raise _NoPlan(
                     f"the task does not match runbook {wanted}'s pattern /{runbook.match.pattern}/"
                 )
+            if missing := _missing_tools(runbook, request):
+                raise _NoPlan(_lacks(runbook, missing))
             return runbook, variables
+        lacking: list[str] = []
         for runbook in self.runbooks:
-            if (variables := runbook.bind(request.task)) is not None:
-                return runbook, variables
+            if (variables := runbook.bind(request.task)) is None:
+                continue
+            if missing := _missing_tools(runbook, request):
+                lacking.append(_lacks(runbook, missing))
+                continue  # another runbook may do it with the tools this deployment has
+            return runbook, variables
+        if lacking:
+            raise _NoPlan("; ".join(lacking))
         raise _NoPlan(
             f"no runbook matches this task; {self._available()}. The offline planner only "
             f"follows runbooks: {CLAUDE_HINT}"
@@ -373,6 +382,21 @@ def _replan(runbook: Runbook, variables: Mapping[str, str], request: PlanRequest
             f"({', '.join(s.tool for s in inserted)}), then retrying {failure.tool}",
         )
     raise _NoPlan(_no_alternative(runbook, failure, failure.error))
+
+
+def _missing_tools(runbook: Runbook, request: PlanRequest) -> list[str]:
+    """Tools the runbook's steps and recovery rules use that this deployment lacks."""
+    have = {tool.name for tool in request.tools}
+    used = [step.tool for step in runbook.steps]
+    used += [step.tool for rule in runbook.recover for step in rule.insert]
+    return sorted({tool for tool in used if tool not in have})
+
+
+def _lacks(runbook: Runbook, missing: list[str]) -> str:
+    return (
+        f"runbook {runbook.name} matches the task but uses tools this deployment does not "
+        f"have: {', '.join(missing)} (add them with AGENTLOOP_TOOL_MODULES, or a plug-in)"
+    )
 
 
 def _no_alternative(runbook: Runbook, failure: Failure, why: str) -> str:
