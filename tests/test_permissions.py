@@ -14,18 +14,8 @@ from app.engine.models import RunStatus
 from app.service import Forbidden, InvalidInput
 from app.service.permissions import Actor, ApprovalPolicy
 from app.store.accounts import Accounts, Role, User
-from tests.support.fixtures import Harness, steps
-from tests.support.web import PASSWORD, csrf_token, sign_in
-
-
-def paused(harness: Harness, *, created_by: str | Actor = "tests", **config) -> str:
-    harness.planner.script = [steps("noop")]
-    run_id = harness.service.create_run(
-        "needs a decision", config={"approval_required": ["noop"], **config}, created_by=created_by
-    )
-    harness.drain()
-    assert harness.service.status(run_id).run.status == RunStatus.PAUSED
-    return run_id
+from tests.support.fixtures import Harness
+from tests.support.web import PASSWORD, csrf_token, paused_run, sign_in
 
 
 def actor(user: User) -> Actor:
@@ -72,7 +62,7 @@ def test_a_run_adds_approvers_but_cannot_replace_the_deployments(
 ):
     ops, friend = make_user("ops"), make_user("friend")
     harness.service.policy = ApprovalPolicy(approvers=(ops.name,))
-    run_id = paused(harness, approvers=[friend.name])
+    run_id = paused_run(harness, approvers=[friend.name])
     view = harness.service.status(run_id)
     assert harness.service.approvers_of(view.run) == (ops.name, friend.name)
     harness.service.approve(run_id, by=actor(ops))  # the deployment's approver still decides
@@ -80,7 +70,7 @@ def test_a_run_adds_approvers_but_cannot_replace_the_deployments(
 
 def test_the_creator_does_not_approve_their_own_run(harness: Harness, make_user: Callable):
     me = make_user("me")
-    run_id = paused(harness, created_by=actor(me), approvers=[me.name])
+    run_id = paused_run(harness, created_by=actor(me), approvers=[me.name])
     with pytest.raises(Forbidden, match="four eyes"):
         harness.service.approve(run_id, by=actor(me))
     harness.service.policy = ApprovalPolicy(allow_self_approval=True)
@@ -88,7 +78,7 @@ def test_the_creator_does_not_approve_their_own_run(harness: Harness, make_user:
 
 
 def test_deciding_takes_the_approver_role(harness: Harness, make_user: Callable):
-    run_id = paused(harness)
+    run_id = paused_run(harness)
     for role in (Role.VIEWER, Role.OPERATOR):
         with pytest.raises(Forbidden, match="takes the approver role"):
             harness.service.approve(run_id, by=actor(make_user(role.value, role=role)))
@@ -111,7 +101,7 @@ def test_a_viewer_sees_no_buttons_it_cannot_use(
     harness: Harness, client: FlaskClient, make_user: Callable
 ):
     viewer = make_user("viewer", role=Role.VIEWER)
-    run_id = paused(harness)
+    run_id = paused_run(harness)
     sign_in(client, viewer)
     page = client.get(f"/runs/{run_id}").text
     for button in ('data-action="approve"', 'data-action="cancel"', ">New run<"):

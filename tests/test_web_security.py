@@ -24,8 +24,8 @@ from app.notify import approval_link
 from app.store.accounts import Accounts, Role, User
 from app.web import create_app, security
 from tests.conftest import REDIS_URL, ROOT
-from tests.support.fixtures import Harness, steps
-from tests.support.web import PASSWORD, csrf_token, free_port, sign_in
+from tests.support.fixtures import Harness
+from tests.support.web import PASSWORD, csrf_token, free_port, paused_run, sign_in
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -56,16 +56,6 @@ def attempt(client: FlaskClient, name: str, password: str, *, next_: str = "", *
     token = csrf_token(client.get("/login", **kw).text)
     url = "/login" + (f"?next={quote(next_, safe='')}" if next_ else "")
     return client.post(url, data={"name": name, "password": password, "csrf_token": token}, **kw)
-
-
-def paused_run(harness: Harness, **config) -> str:
-    harness.planner.script = [steps("noop", "noop")]
-    run_id = harness.service.create_run(
-        "approve me", config={"approval_required": ["noop"], **config}, created_by="tests"
-    )
-    harness.drain()
-    assert harness.service.status(run_id).run.status == RunStatus.PAUSED
-    return run_id
 
 
 # --- 1. no open redirect after sign-in ------------------------------------------------------

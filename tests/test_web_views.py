@@ -14,7 +14,7 @@ from app.engine.actions import PlanProduced
 from app.engine.models import PlannedStep, RunStatus
 from app.store.accounts import User
 from tests.support.fixtures import Harness, steps
-from tests.support.web import PASSWORD, csrf_token
+from tests.support.web import PASSWORD, csrf_token, paused_run
 
 XSS = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
 
@@ -35,17 +35,6 @@ FORM = {
 def post_form(client: FlaskClient, url: str, data: dict[str, str], page: str | None = None):
     token = csrf_token(client.get(page or url).text)
     return client.post(url, data={**data, "csrf_token": token})
-
-
-def paused_run(harness: Harness, **config) -> str:
-    """A run waiting for approval of a noop step."""
-    harness.planner.script = [steps("noop", "noop")]
-    run_id = harness.service.create_run(
-        "approve me", config={"approval_required": ["noop"], **config}, created_by="tests"
-    )
-    harness.drain()
-    assert harness.service.status(run_id).run.status == RunStatus.PAUSED
-    return run_id
 
 
 def field_error(page: str, field: str) -> str:

@@ -25,11 +25,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app.config import load_settings
+from app.engine.models import RunStatus
 from app.service import AgentService
 from app.store.accounts import Accounts, Role, User
 from app.store.repo import Store
 from app.web import create_app
-from tests.support.fixtures import Harness, require
+from tests.support.fixtures import Harness, require, steps
 
 PASSWORD = "correct horse battery staple"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -242,3 +243,14 @@ def browser() -> Iterator[Any]:
         launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield launched
         launched.close()
+
+
+def paused_run(harness: Harness, *, created_by: Any = "tests", **config: Any) -> str:
+    """A run of two noop steps, waiting for approval of the first."""
+    harness.planner.script = [steps("noop", "noop")]
+    run_id = harness.service.create_run(
+        "approve me", config={"approval_required": ["noop"], **config}, created_by=created_by
+    )
+    harness.drain()
+    assert harness.service.status(run_id).run.status == RunStatus.PAUSED
+    return run_id
