@@ -12,7 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 import click
 
 from app.config import ConfigError, Settings, load_settings, redact_url
-from app.engine.models import Decision
+from app.engine.models import Decision, RunStatus
 from app.errors import NotFound
 from app.service import AgentService, ServiceError
 from app.service.permissions import Actor
@@ -140,11 +140,26 @@ def run(
 
 @main.command()
 @click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: run, steps, events.")
 @friendly_errors
-def status(run_id: str) -> None:
+def status(run_id: str, as_json: bool) -> None:
     """Print a run, its steps and its whole timeline."""
     _, service = connect(broker=False)
     view = service.status(run_id)
+    if as_json:
+        from app.engine.redact import redact, secret_values
+        from app.service.export import approval_json, event_json, run_json, step_json
+
+        pending = view.pending_approval
+        secrets = secret_values(view.run.context or {}, view.steps)
+        shown = {
+            "run": run_json(view.run),
+            "steps": [step_json(s) for s in view.steps],
+            "events": [event_json(e) for e in view.events],
+            "pending_approval": None if pending is None else approval_json(pending),
+        }
+        click.echo(json.dumps(redact(shown, secrets), indent=2))
+        return
     click.echo(format_run_header(view.run))
     click.echo("\nsteps:")
     for step in view.steps:
@@ -510,6 +525,137 @@ def _account_change(change: Callable[[], T]) -> T:
         return change()
     except AccountError as exc:
         raise ConfigError(str(exc)) from None
+
+
+# --- daily use: list, follow, export, import, prune -----------------------------------
+
+
+@main.command("runs")
+@click.option(
+    "--status",
+    "status_filter",
+    type=click.Choice([s.value for s in RunStatus]),
+    default=None,
+    help="Only runs with this status.",
+)
+@click.option("--since", default=None, help="Created since: an age (2d, 12h) or an ISO time.")
+@click.option("--search", default=None, help="Only runs whose task contains TEXT.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@friendly_errors
+def runs_command(
+    status_filter: str | None, since: str | None, search: str | None, limit: int, as_json: bool
+) -> None:
+    """List runs, newest first."""
+    from app.service.export import run_summary_json
+    from app.service.retention import parse_since
+
+    _, service = connect(broker=False)
+    after = parse_since(since, service.clock()) if since else None
+    found = service.search_runs(status=status_filter, since=after, search=search, limit=limit)
+    if as_json:
+        click.echo(json.dumps([run_summary_json(r) for r in found], indent=2))
+        return
+    for r in found:
+        task = r.task if len(r.task) <= 60 else r.task[:59] + "…"
+        click.echo(f"{r.id}  {r.status:<9}  {r.created_at:%Y-%m-%d %H:%M}  {task}")
+    click.echo(f"{len(found)} run(s)")
+
+
+@main.command()
+@click.argument("run_id")
+@friendly_errors
+def follow(run_id: str) -> None:
+    """Print a run's timeline as it grows, until it ends or pauses for a person."""
+    from app.demo import follow_run
+
+    _, service = connect(broker=False)
+    service.status(run_id)  # NotFound before anything is printed
+    raise SystemExit(follow_run(service, run_id, ask=None, color=sys.stdout.isatty()))
+
+
+@main.command("export")
+@click.argument("run_id")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "md"]),
+    default="json",
+    show_default=True,
+    help="json: importable with `agentloop import`; md: to read.",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="A file.")
+@friendly_errors
+def export_command(run_id: str, fmt: str, output: str | None) -> None:
+    """A run's whole history: the run, its config, steps, events and approvals."""
+    from app.service.export import export_markdown
+
+    _, service = connect(broker=False)
+    document = service.export_run(run_id)
+    text = (
+        json.dumps(document, indent=2, sort_keys=True) + "\n"
+        if fmt == "json"
+        else export_markdown(document)
+    )
+    if output:
+        with open(output, "w", encoding="utf-8") as out:
+            out.write(text)
+        click.echo(f"run {run_id} exported to {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command("import")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@friendly_errors
+def import_command(file: Any) -> None:
+    """Make a new run from an export (`-` for standard input); nothing is executed.
+
+    A finished run keeps its status; one exported queued, running or paused is
+    imported as cancelled, so nothing can resume it here."""
+    _, service = connect(broker=False)
+    try:
+        document = json.load(file)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file.name} is not valid JSON: {exc}") from None
+    made = service.import_run(document, by=_whoami())
+    click.echo(
+        f"run {made.run_id} imported from run {made.original_id} "
+        f"({made.original_status}); status {made.status}"
+    )
+
+
+@main.command()
+@click.option("--older-than", required=True, help="Finished more than this long ago: 30d, 12h.")
+@click.option(
+    "--status",
+    "statuses",
+    default=None,
+    help="Comma-separated, of completed, failed, cancelled (default: all three).",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be removed; remove nothing.")
+@friendly_errors
+def prune(older_than: str, statuses: str | None, dry_run: bool) -> None:
+    """Remove finished runs older than --older-than, with their steps, events, approvals
+    and workspaces. Queued, running and paused runs are never removed."""
+    from app.service.retention import parse_age
+
+    _, service = connect(broker=False)
+    report = service.prune(
+        older_than=parse_age(older_than),
+        statuses=statuses.split(",") if statuses else None,
+        dry_run=dry_run,
+    )
+    for r in report.runs:
+        finished = f"{r.finished_at:%Y-%m-%d %H:%M}" if r.finished_at else "?"
+        click.echo(f"{'would remove' if dry_run else 'removed'} {r.id}  {r.status:<9}  "
+                   f"finished {finished}  {r.task[:60]}")  # fmt: skip
+    verb = "would remove" if dry_run else "removed"
+    click.echo(
+        f"{verb} {len(report.runs)} run(s) finished before {report.cutoff:%Y-%m-%d %H:%M} UTC "
+        f"({', '.join(report.statuses)}): {report.steps} steps, {report.events} events, "
+        f"{report.approvals} approvals, {report.workspaces} workspace folder(s)"
+    )
 
 
 if __name__ == "__main__":

@@ -4,17 +4,20 @@ One class, AgentService, assembled from one part per concern, each in its own
 module: `runs` (create_run), `iteration` (advance: one iteration, and what the
 slow work in `work` and the planner's `context` need), `decisions` (approve,
 reject, resolve, cancel, expire), `queries` (read models), `healing` (the
-sweep). `base` holds what they share: the collaborators and the one write path.
+sweep), `retention` (prune), `export` (export, import, search). `base` holds
+what they share: the collaborators and the one write path.
 """
 
 from __future__ import annotations
 
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound, ServiceError
 from app.service.decisions import Decisions
+from app.service.export import Export
 from app.service.healing import Healing
 from app.service.iteration import Iteration
 from app.service.ports import Dispatcher, Notice, Notifier, PlannerFactory, notice_for
 from app.service.queries import ApprovalView, Queries, RunPage, RunView
+from app.service.retention import Retention
 from app.service.runs import Runs
 
 __all__ = [
@@ -35,7 +38,8 @@ __all__ = [
 ]
 
 
-class AgentService(Runs, Iteration, Decisions, Queries, Healing):
+class AgentService(Runs, Iteration, Decisions, Queries, Healing, Retention, Export):
     """create_run, advance, approve, reject, decide, cancel, expire_approvals,
-    status, list_runs, approval, record_event, sweep. Raises ServiceError's
-    subclasses (app/errors.py) for what the caller must show."""
+    status, list_runs, approval, record_event, sweep, prune, search_runs, export_run,
+    import_run. Raises ServiceError's subclasses (app/errors.py) for what the caller
+    must show."""

@@ -781,6 +781,118 @@ class Tx:
             ).first()
         )
 
+    # --- retention, search, export and import (app/service/retention.py, export.py) ---
+
+    def find_runs(
+        self,
+        *,
+        status: str | None = None,
+        since: datetime | None = None,
+        search: str | None = None,
+        limit: int = 50,
+    ) -> list[RunRecord]:
+        """Newest first: runs with `status`, created at or after `since`, whose task
+        contains `search` (case-insensitive, taken literally)."""
+        query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id).limit(limit)
+        if status:
+            query = query.where(runs.c.status == status)
+        if since is not None:
+            query = query.where(runs.c.created_at >= since)
+        if search:
+            query = query.where(runs.c.task.icontains(search, autoescape=True))
+        return [RunRecord.of(row) for row in self.conn.execute(query)]
+
+    def prunable_runs(
+        self, *, statuses: Sequence[str], finished_before: datetime, limit: int | None = None
+    ) -> list[RunRecord]:
+        """Runs with one of `statuses` that finished before `finished_before`, oldest first
+        (a finished run without finished_at counts from its last update)."""
+        finished = func.coalesce(runs.c.finished_at, runs.c.updated_at)
+        query = (
+            select(runs)
+            .where(runs.c.status.in_(statuses), finished < finished_before)
+            .order_by(finished, runs.c.id)
+            .limit(limit)
+        )
+        return [RunRecord.of(row) for row in self.conn.execute(query)]
+
+    def count_run_children(self, run_ids: Sequence[str]) -> dict[str, int]:
+        """How many steps, events and approvals the runs `run_ids` have."""
+        counts = {}
+        for name, table in (("steps", steps), ("events", events), ("approvals", approvals)):
+            counts[name] = (
+                int(
+                    self.conn.execute(
+                        select(func.count())
+                        .select_from(table)
+                        .where(table.c.run_id.in_(list(run_ids)))
+                    ).scalar_one()
+                )
+                if run_ids
+                else 0
+            )
+        return counts
+
+    def delete_finished_runs(
+        self, run_ids: Sequence[str], *, statuses: Sequence[str], finished_before: datetime
+    ) -> list[str]:
+        """Delete those of `run_ids` that still have one of `statuses` and finished before
+        `finished_before` (checked again here, so a run resumed meanwhile stays); their
+        steps, events and approvals go with them (ON DELETE CASCADE). Returns the ids."""
+        if not run_ids:
+            return []
+        from sqlalchemy import delete
+
+        finished = func.coalesce(runs.c.finished_at, runs.c.updated_at)
+        gone = self.conn.execute(
+            delete(runs)
+            .where(
+                runs.c.id.in_(list(run_ids)),
+                runs.c.status.in_(statuses),
+                finished < finished_before,
+            )
+            .returning(runs.c.id)
+        )
+        return [row.id for row in gone]
+
+    def step_rows(self, run_id: str) -> list[dict[str, Any]]:
+        """Every step of the run, every column, in plan order."""
+        rows = self.conn.execute(
+            select(steps).where(steps.c.run_id == run_id).order_by(steps.c.position, steps.c.id)
+        )
+        return [dict(row._mapping) for row in rows]
+
+    def all_events(self, run_id: str) -> list[EventRecord]:
+        return self._events(select(events).where(events.c.run_id == run_id).order_by(events.c.id))
+
+    def run_approvals(self, run_id: str) -> list[ApprovalRecord]:
+        rows = self.conn.execute(
+            select(approvals)
+            .where(approvals.c.run_id == run_id)
+            .order_by(approvals.c.created_at, approvals.c.step_id, approvals.c.id)
+        )
+        return [ApprovalRecord.of(row) for row in rows]
+
+    def insert_run_row(self, values: dict[str, Any]) -> None:
+        """A run as given, column by column (an import)."""
+        self.conn.execute(insert(runs).values(**values))
+
+    def insert_step_row(self, values: dict[str, Any]) -> int:
+        """A step as given, column by column (an import); returns its new id."""
+        return int(
+            self.conn.execute(insert(steps).values(**values).returning(steps.c.id)).scalar_one()
+        )
+
+    def insert_event_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Events as given, in order (an import)."""
+        for row in rows:
+            self.conn.execute(insert(events).values(**row))
+
+    def insert_approval_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Approvals as given (an import)."""
+        for row in rows:
+            self.conn.execute(insert(approvals).values(**row))
+
 
 def _approval(row: Row[Any] | None) -> ApprovalRecord | None:
     return None if row is None else ApprovalRecord.of(row)
