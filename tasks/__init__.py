@@ -12,6 +12,7 @@ from functools import cache
 
 from amqp.exceptions import ChannelError
 from celery import Celery, Task
+from celery.signals import worker_init
 from sqlalchemy.exc import OperationalError
 
 from app.service import AgentService, Notice
@@ -55,6 +56,14 @@ class CeleryNotifier:
 
     def notify(self, notice: Notice, run_id: str) -> None:
         notify.apply_async(args=(str(notice), run_id))
+
+
+@worker_init.connect
+def serve_metrics(**_: object) -> None:
+    """The worker's /metrics, when AGENTLOOP_WORKER_METRICS_PORT is set (app/metrics.py)."""
+    from app import metrics
+
+    metrics.serve_worker_metrics()
 
 
 @cache

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
+from app import metrics
 from app.engine import sanitize
 from app.engine.actions import NewEvent, Transition
 from app.engine.machine import fail, fold_decision
@@ -137,6 +138,7 @@ class Decisions(ServiceBase):
             )
             if tick is None:
                 raise Conflict(f"run {run_id} is no longer paused")
+        metrics.decision(decision, channel)
         self._after_commit(run_id, tick, transition)
 
     def approvers_of(self, run: Any) -> tuple[str, ...]:
@@ -246,6 +248,7 @@ class Decisions(ServiceBase):
             )
         if tick is None:
             return False  # the run was no longer paused (cancelled): nothing to resume
+        metrics.decision("expired", "timer")
         self._after_commit(approval.run_id, tick, transition)
         return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from app import metrics
 from app.service.base import ServiceBase
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class Healing(ServiceBase):
             due = tx.claim_nudges(before=overdue, renudge_before=renudge_before, now=now)
         for row in due:
             self._publish(row.id, row.tick, 0)
+        metrics.sweep_republished(len(due))
         if due:
             log.info("sweep nudged %d run(s)", len(due))
         return len(due)

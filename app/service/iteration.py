@@ -5,6 +5,7 @@ open, save the outcome under the lease, commit, and only then publish the next."
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from sqlalchemy import Row
 from sqlalchemy.exc import DBAPIError
 
+from app import metrics
 from app.engine import sanitize
 from app.engine.actions import (
     AwaitHuman,
@@ -69,6 +71,7 @@ class Iteration(Context, Work):
         other unexpected error fails the run with the reason recorded — but only
         while this worker may still write to it (see _fail_internal) — and is raised.
         """
+        started = time.perf_counter()
         now = self.clock()
         stored = self.store.read_for_claim(run_id)
         if stored is None:
@@ -84,14 +87,17 @@ class Iteration(Context, Work):
             claimed = self._claim(stored.row, run, action, now)
             if claimed is None:
                 return  # another worker claimed the run first, or it changed since read
+            metrics.queue_lag(stored.row.next_run_at, now)
             if isinstance(claimed, Transition):
                 self._after_commit(run.id, run.tick, claimed)
+                metrics.iteration(action, time.perf_counter() - started)
                 return
             run = claimed.run
             guard = Guard(owner=self.worker_id, tick=run.tick)  # the lease is ours now
             assert isinstance(action, Execute | Plan)  # only slow work leaves _claim unsettled
             work = self._prepare(stored.row, claimed, action)
             self._finish(work, action, self._slow_work(stored.row.planner, work, action))
+            metrics.iteration(action, time.perf_counter() - started)
         except DBAPIError as exc:
             if database_away(exc):
                 raise  # nothing more can be written now; the lease lapses, others recover
@@ -197,6 +203,7 @@ class Iteration(Context, Work):
         jitter = self.jitter()
         if isinstance(action, Execute) and isinstance(outcome, StepSucceeded | StepFailed):
             step = run.step(action.step_id)
+            metrics.tool_call(step.tool, outcome)
             transition = fold_step(
                 run,
                 step,
@@ -205,6 +212,7 @@ class Iteration(Context, Work):
                 jitter_sample=jitter,
             )
         elif isinstance(action, Plan) and not isinstance(outcome, StepSucceeded | StepFailed):
+            metrics.llm_usage(outcome)
             transition = fold_plan(run, action, outcome, jitter_sample=jitter)
         else:
             raise TypeError(f"outcome {type(outcome).__name__} does not answer {action.type}")
