@@ -42,10 +42,20 @@ chaos: $(STAMP)
 	CHAOS_TRIALS=$(CHAOS_TRIALS) CHAOS_REPORT=$(abspath .agentloop/chaos-report.json) \
 		$(BIN)/python -m pytest -m chaos -p no:cacheprovider
 
+# Ctrl-C or SIGTERM: each process gets SIGTERM; a worker finishes its running steps
+# (warm shutdown) for up to AGENTLOOP_SHUTDOWN_GRACE seconds. honcho 2.0 SIGKILLs
+# whatever is left after a fixed 5 s, so it is started with that wait raised to
+# the grace plus 5 s.
+AGENTLOOP_SHUTDOWN_GRACE ?= 30
+export AGENTLOOP_SHUTDOWN_GRACE
+HONCHO_KILL_WAIT = import sys, honcho.manager as m, honcho.command as c; \
+	m.KILL_WAIT = float(sys.argv.pop(1)) + 5; sys.argv[0] = "honcho"; c.main()
+
 run: $(RUN_STAMP)
 	$(BIN)/agentloop db upgrade
 	mkdir -p .agentloop
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho start
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c '$(HONCHO_KILL_WAIT)' \
+		$(AGENTLOOP_SHUTDOWN_GRACE) start
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

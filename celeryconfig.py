@@ -41,6 +41,10 @@ accept_content = ["json"]
 # A hard backstop only: tools enforce their own timeouts well below it.
 task_time_limit = 1800
 worker_hijack_root_logger = False
+# SIGTERM is a warm shutdown: the running step finishes and saves, within
+# AGENTLOOP_SHUTDOWN_GRACE seconds, even when the supervisor signals the whole
+# process group (app/shutdown.py).
+imports = ("app.shutdown",)
 # A broker blip must never cut a running tool off mid-effect: the database is the
 # truth, so the step finishes and saves, and the message redelivered after the
 # reconnect is a stale-tick no-op. (With True, an 8 s Redis outage interrupted

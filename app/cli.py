@@ -235,6 +235,40 @@ def worker(ctx: click.Context, beat: bool) -> None:
     os.execv(sys.executable, argv + list(ctx.args))
 
 
+@main.command()
+@click.option(
+    "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for replies."
+)
+def health(timeout: float) -> None:
+    """For a supervisor: exit 0 when a worker answers and consumes this deployment's
+    queue; otherwise exit 1 with one line saying what is wrong."""
+    try:
+        settings = load_settings()
+        check_broker(settings)
+        problem = _no_consumer(settings.queue, timeout)
+    except (ConfigError, BrokerUnavailable) as exc:
+        problem = str(exc.args[0] if exc.args else exc)
+    if problem:
+        click.echo(f"agentloop health: {problem}", err=True)
+        raise SystemExit(1)
+
+
+def _no_consumer(queue: str, timeout: float) -> str | None:
+    """None when some worker, asked over the broker, says it consumes `queue`."""
+    from tasks import celery_app
+
+    replies = celery_app.control.inspect(timeout=timeout).active_queues() or {}
+    consumers = sorted(
+        name for name, queues in replies.items() if any(q.get("name") == queue for q in queues)
+    )
+    if consumers:
+        click.echo(f"ok: {', '.join(consumers)} consume{'s' * (len(consumers) == 1)} {queue}")
+        return None
+    if replies:
+        return f"no worker consumes the queue {queue} ({len(replies)} answered, for other queues)"
+    return f"no worker answered within {timeout:g} s: start one with `agentloop worker`"
+
+
 @main.group()
 def db() -> None:
     """Database schema."""

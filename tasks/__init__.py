@@ -31,10 +31,19 @@ class CeleryDispatcher:
 
     def enqueue(self, run_id: str, tick: int, delay: float) -> None:
         countdown = min(delay, self.max_countdown) if delay > 0 else None
-        advance.apply_async(args=(run_id, tick), countdown=countdown)
+        # Flower and the worker log show this name instead of agentloop.advance.
+        advance.apply_async(
+            args=(run_id, tick), countdown=countdown, shadow=advance_label(run_id, tick)
+        )
 
     def queue_depth(self) -> int | None:
         return queue_depth(celery_app, celery_app.conf.task_default_queue)
+
+
+def advance_label(run_id: str, tick: int) -> str:
+    """What an iteration is called in Flower: the run and the tick it advances (the
+    step is chosen only when the message is consumed)."""
+    return f"agentloop.advance[{run_id} tick {tick}]"
 
 
 def queue_depth(app: Celery, queue: str) -> int | None:

@@ -15,7 +15,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import ConfigError, load_settings
-from app.web import admin, api, approvals, auth, metrics, runs, security
+from app.web import admin, api, approvals, auth, health, metrics, runs, security
 from app.web.deps import Deps, present_filters
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(approvals.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(health.bp)  # /healthz, /readyz: no sign-in
     app.register_blueprint(metrics.bp)
     security.csrf.exempt(api.bp)  # bearer tokens, never cookies: no cross-site forgery
     security.init_limiter(app, settings, limits)
