@@ -560,3 +560,28 @@ def test_the_first_request_after_a_database_restart_succeeds(
     private_postgres.restart("fast")
     run_id = harness.service.create_run("after the restart")
     assert run_row(harness, run_id).status == RunStatus.QUEUED
+
+
+def test_an_approval_that_cannot_be_expired_does_not_keep_the_others_waiting(
+    private_store: Store, tmp_path: Path
+):
+    """The beat's expiry met a pending approval of a step that is gone and raised,
+    every minute, expiring nothing at all."""
+    harness = make_harness(private_store, tmp_path)
+    harness.planner.script = [
+        PlanProduced(steps=[PlannedStep(description="rm", tool="delete", args={"path": "x"})])
+    ]
+    broken = harness.service.create_run("broken", config={"approval_required": ["delete"]})
+    harness.drain(limit=2)
+    with private_store.transaction() as tx:  # the first run's approval names no real step
+        tx.conn.execute(text("UPDATE approvals SET step_id = 0 WHERE run_id = :r"), {"r": broken})
+        tx.conn.execute(text("UPDATE approvals SET created_at = created_at - interval '1 day'"))
+    assert harness.service.expire_approvals(ttl=60, policy="reject") == 0
+    harness.planner.script = [
+        PlanProduced(steps=[PlannedStep(description="rm", tool="delete", args={"path": "y"})])
+    ]
+    fine = harness.service.create_run("fine", config={"approval_required": ["delete"]})
+    harness.drain(limit=2)
+    harness.clock.advance(120)
+    assert harness.service.expire_approvals(ttl=60, policy="reject") == 1
+    assert run_row(harness, fine).status == RunStatus.RUNNING

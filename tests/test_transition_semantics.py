@@ -39,6 +39,7 @@ from app.store import hot
 from app.store.migrate import upgrade
 from app.store.repo import Guard, Store, make_engine, snapshot_from_row
 from app.store.schema import events, runs, steps
+from tests.support.private_services import PrivatePostgres
 
 # --- the map covers every field, and the statements write what it says ---------------
 
@@ -320,6 +321,17 @@ PROPERTY = settings(
 
 
 @pytest.fixture(scope="module")
+def pg_store(private_postgres: PrivatePostgres) -> Iterator[Store]:
+    """A database of its own: the runs and approvals this test makes up (in any state,
+    approvals of steps that do not exist) must not reach other tests' sweeps and
+    expiries through the session's shared database."""
+    private_postgres.ensure_running()
+    store = Store(make_engine(private_postgres.create_database()))
+    yield store
+    store.dispose()
+
+
+@pytest.fixture(scope="module")
 def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     url = f"sqlite:///{tmp_path_factory.mktemp('transition') / 'agentloop.db'}"
     upgrade(url)
@@ -330,8 +342,8 @@ def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
 
 @PROPERTY
 @given(case=cases())
-def test_postgresql_writes_a_transition_as_applied_in_memory(store: Store, case: Case):
-    check(store, case)
+def test_postgresql_writes_a_transition_as_applied_in_memory(pg_store: Store, case: Case):
+    check(pg_store, case)
 
 
 @PROPERTY

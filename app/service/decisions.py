@@ -210,10 +210,19 @@ class Decisions(ServiceBase):
             overdue = tx.overdue_approvals(
                 kind=PauseKind.APPROVAL, opened_before=now - timedelta(seconds=ttl), now=now
             )
-        settled = sum(self._expire(a.id, ttl=ttl, policy=policy) for a in overdue)
+        settled = sum(self._expire_one(a.id, ttl=ttl, policy=policy) for a in overdue)
         if settled:
             log.info("expired %d approval(s) (policy: %s)", settled, policy)
         return settled
+
+    def _expire_one(self, approval_id: str, *, ttl: float, policy: str) -> bool:
+        """One approval: an approval that cannot be settled (its step is gone) is logged
+        and left, so it never keeps the others from expiring."""
+        try:
+            return self._expire(approval_id, ttl=ttl, policy=policy)
+        except NotFound:
+            log.exception("approval %s cannot be expired", approval_id)
+            return False
 
     def _expire(self, approval_id: str, *, ttl: float, policy: str) -> bool:
         now = self.clock()
