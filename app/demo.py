@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from app import stall
 from app.config import Settings, redact_url
 from app.engine.models import Decision, PauseKind, RunStatus
 from app.service import AgentService, RunView
@@ -109,12 +110,21 @@ def follow_run(
     ask: Asker | None,
     color: bool,
     worker_alive: Callable[[], bool] = lambda: True,
+    sweep_interval: float | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> int:
     """Print the run's timeline until it ends; 0 if it completed.
 
     With `ask`, a pause is put to the person at the terminal; without it the
     command says how to decide and returns 0 (the run waits, holding no worker).
+    When the run stays due with no worker claiming it (app/stall.py), `warn` (stderr
+    by default) is told once, and the following goes on.
     """
+    if sweep_interval is None:
+        from app.config import load_settings
+
+        sweep_interval = load_settings().sweep_interval
+    warned = False
     last_event = 0
     while True:
         view = service.status(run_id, after_event=last_event)
@@ -133,7 +143,15 @@ def follow_run(
         if not worker_alive():
             print("the worker stopped unexpectedly; see its log", file=sys.stderr)
             return 1
+        stalled = stall.warning(view.run, service.clock(), sweep_interval)
+        if stalled and not warned:
+            (warn or _to_stderr)(f"warning: {stalled} (still following; Ctrl-C to stop)")
+            warned = True
         time.sleep(POLL_SECONDS)  # sleep-ok: a terminal polling for display, not backoff
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def finish(view: RunView) -> int:

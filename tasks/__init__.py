@@ -12,15 +12,17 @@ from functools import cache
 
 from amqp.exceptions import ChannelError
 from celery import Celery, Task
-from celery.signals import worker_init
+from celery.signals import setup_logging, worker_init
 from sqlalchemy.exc import OperationalError
 
+from app import logs
 from app.service import AgentService, Notice
 
 log = logging.getLogger(__name__)
 
 celery_app = Celery("agentloop")
 celery_app.config_from_object("celeryconfig")
+logs.quiet_noise()  # kombu's "No hostname was supplied" on every publish to the embedded broker
 
 
 class CeleryDispatcher:
@@ -65,6 +67,13 @@ class CeleryNotifier:
 
     def notify(self, notice: Notice, run_id: str) -> None:
         notify.apply_async(args=(str(notice), run_id))
+
+
+@setup_logging.connect
+def structured_logs(loglevel: int | str | None = None, **_: object) -> None:
+    """Worker and beat log JSON lines (human ones on a terminal) through app/logs.py;
+    connecting this signal keeps Celery from configuring logging itself."""
+    logs.setup(loglevel or None)
 
 
 @worker_init.connect

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Row
 from sqlalchemy.exc import DBAPIError
 
-from app import metrics
+from app import logs, metrics
 from app.engine import sanitize
 from app.engine.actions import (
     AwaitHuman,
@@ -63,6 +63,7 @@ class SlowWork:
 
 
 class Iteration(Context, Work):
+    @logs.in_iteration  # the run id, iteration, step and tool on every log line
     def advance(self, run_id: str, tick: int) -> None:
         """Advance a run by one iteration, if this message is still current.
 
@@ -84,6 +85,7 @@ class Iteration(Context, Work):
         guard = Guard.claim(self.worker_id, stored.row)
         try:
             action = decide(run, now=now, tools=self.tools.policies())
+            logs.bind_action(run, action)
             claimed = self._claim(stored.row, run, action, now)
             if claimed is None:
                 return  # another worker claimed the run first, or it changed since read

@@ -14,6 +14,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from app import logs
 from app.config import ConfigError, load_settings
 from app.web import admin, api, approvals, auth, health, metrics, runs, security
 from app.web.deps import Deps, present_filters
@@ -44,6 +45,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         POLL_MILLISECONDS=1000,
     )
     app.config.update(overrides)
+    logs.init_flask(app)  # JSON lines with the run id of the request (app/logs.py)
     limits = overrides.get("AGENTLOOP_LIMITS") or _limit_settings()
     # HSTS only when people reach the site over https (a browser would refuse plain
     # http to this host for two years after seeing it).

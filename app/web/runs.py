@@ -17,6 +17,7 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 
+from app import stall
 from app.engine.models import Decision, PauseKind, RunStatus
 from app.errors import NotFound
 from app.service import Conflict, Forbidden, InvalidInput, RunView
@@ -122,7 +123,7 @@ def live(run_id: str) -> ResponseReturnValue:
     # Most polls find the run as it was: read only the new events then, so a
     # watched page costs the same at iteration 5 as at iteration 5,000.
     fresh = _status(run_id, after_event=after)
-    state = present.state_key(fresh.run)
+    state = _state(fresh.run)
     body: dict[str, Any] = {
         "state": state,
         "status": fresh.run.status,
@@ -237,6 +238,16 @@ def may_decide(user: User, run: Any) -> bool:
     return deps.service().may_decide(Actor.of(user), run)
 
 
+def _worker_warning(run: Any) -> str | None:
+    """Set when the run has been due for a while and no worker claimed it (app/stall.py)."""
+    return stall.warning(run, deps.service().clock(), deps.settings().sweep_interval)
+
+
+def _state(run: Any) -> str:
+    """The row's state, and whether the warning shows: a live page picks it up."""
+    return present.state_key(run) + ("-no-worker" if _worker_warning(run) else "")
+
+
 def _page_context(view: RunView) -> dict[str, Any]:
     pending = view.pending_approval
     step = _pending_step(view)
@@ -253,7 +264,8 @@ def _page_context(view: RunView) -> dict[str, Any]:
         "can_cancel": deps.service().may_cancel(Actor.of(user), view.run),
         "plans": present.plan_history(view.events, view.steps),
         "history": present.step_history(view.events),
-        "state": present.state_key(view.run),
+        "state": _state(view.run),
+        "worker_warning": _worker_warning(view.run),
         "last_event": view.events[-1].id if view.events else 0,
         "active": not RunStatus(view.run.status).is_terminal,
         "decision_form": DecisionForm(formdata=None),
