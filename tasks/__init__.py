@@ -12,7 +12,12 @@ from functools import cache
 
 from amqp.exceptions import ChannelError
 from celery import Celery, Task
-from celery.signals import setup_logging, worker_init
+from celery.signals import (
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 from sqlalchemy.exc import OperationalError
 
 from app import logs
@@ -82,6 +87,35 @@ def serve_metrics(**_: object) -> None:
     from app import metrics
 
     metrics.serve_worker_metrics()
+
+
+@worker_init.connect
+def start_tracing(**_: object) -> None:
+    """OpenTelemetry, when OTEL_EXPORTER_OTLP_ENDPOINT is set (app/tracing.py): before
+    the pool forks, so publishing and consuming carry each run's trace context."""
+    from app import tracing
+
+    tracing.setup("agentloop-worker")
+
+
+@worker_process_init.connect
+def trace_pool_child(**_: object) -> None:
+    """In each pool child: tracing (again, for pools that do not fork) and its SQL."""
+    from app import tracing
+
+    if tracing.setup("agentloop-worker"):
+        try:
+            tracing.instrument_engines(service().store.engines)
+        except Exception:  # the first task reports what is wrong with the service
+            log.warning("tracing: no SQL spans (the service cannot be built)", exc_info=True)
+
+
+@worker_process_shutdown.connect
+def flush_traces(**_: object) -> None:
+    """Export the spans still buffered before a pool child exits."""
+    from app import tracing
+
+    tracing.flush()
 
 
 @cache

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from app import metrics
+from app import metrics, tracing
 from app.engine import sanitize
 from app.engine.actions import NewEvent, Transition
 from app.engine.machine import fail, fold_decision
@@ -74,6 +74,7 @@ class Decisions(ServiceBase):
             channel=channel,
         )
 
+    @tracing.decision_span
     def decide(
         self,
         run_id: str,

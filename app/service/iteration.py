@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Row
 from sqlalchemy.exc import DBAPIError
 
-from app import logs, metrics
+from app import logs, metrics, tracing
 from app.engine import sanitize
 from app.engine.actions import (
     AwaitHuman,
@@ -63,6 +63,7 @@ class SlowWork:
 
 
 class Iteration(Context, Work):
+    @tracing.iteration_span
     @logs.in_iteration  # the run id, iteration, step and tool on every log line
     def advance(self, run_id: str, tick: int) -> None:
         """Advance a run by one iteration, if this message is still current.
@@ -86,6 +87,7 @@ class Iteration(Context, Work):
         try:
             action = decide(run, now=now, tools=self.tools.policies())
             logs.bind_action(run, action)
+            tracing.decided(run, action)
             claimed = self._claim(stored.row, run, action, now)
             if claimed is None:
                 return  # another worker claimed the run first, or it changed since read
@@ -123,6 +125,7 @@ class Iteration(Context, Work):
             return False
         return True
 
+    @tracing.child_span("agentloop.claim", tracing.claimed)
     def _claim(
         self,
         row: Row[Any],
@@ -189,6 +192,7 @@ class Iteration(Context, Work):
             request = self._plan_request(tx, row, run, action)
         return SlowWork(run, lease_until=claimed.lease_until, request=request)
 
+    @tracing.slow_work_span
     def _slow_work(
         self, planner_kind: str, work: SlowWork, action: Execute | Plan
     ) -> StepOutcome | PlanOutcome:
@@ -235,6 +239,7 @@ class Iteration(Context, Work):
         with self.store.transaction() as tx:
             tx.record_spending(run.id, run.iteration, usage, [discarded], now)
 
+    @tracing.child_span("agentloop.save", tracing.saved)
     def _save_outcome(
         self, run: RunSnapshot, transition: Transition, *, lease_until: datetime
     ) -> bool:

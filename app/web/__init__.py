@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import logs
+from app import logs, tracing
 from app.config import ConfigError, load_settings
 from app.web import admin, api, approvals, auth, health, metrics, runs, security
 from app.web.deps import Deps, present_filters
@@ -46,6 +46,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     app.config.update(overrides)
     logs.init_flask(app)  # JSON lines with the run id of the request (app/logs.py)
+    tracing.instrument_flask(app)  # spans, when OTEL_EXPORTER_OTLP_ENDPOINT is set
     limits = overrides.get("AGENTLOOP_LIMITS") or _limit_settings()
     # HSTS only when people reach the site over https (a browser would refuse plain
     # http to this host for two years after seeing it).

@@ -1,0 +1,295 @@
+"""OpenTelemetry: the spans of a run over the in-process harness (the SDK's in-memory
+exporter), tracing off by default, and two real worker processes exporting by
+OTLP/HTTP to a loopback receiver: one trace per run, parent/child across processes."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from app import tracing
+from app.engine.actions import LlmUsage, PlanProduced
+from app.engine.models import Decision, PlannedStep, RunStatus
+from tests.conftest import ROOT
+from tests.support.fixtures import Harness, wait_until, workspace
+from tests.support.web import free_port, paused_run
+
+# --- in process: the SDK's in-memory exporter --------------------------------------------
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The service's spans, recorded in memory by an SDK provider of this test's own
+    (the global one stays as it was: other tests run with tracing off)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use_provider(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.use_provider(None)
+        provider.shutdown()
+    assert not tracing.enabled()
+
+
+def of_run(exporter: InMemorySpanExporter, run_id: str) -> list[ReadableSpan]:
+    trace_id = int(tracing.run_trace_id(run_id), 16)
+    return [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+
+
+def children(spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
+    return [s for s in spans if s.parent is not None and s.parent.span_id == parent.context.span_id]
+
+
+def test_a_run_is_one_trace_with_a_span_per_iteration(
+    harness: Harness, spans: InMemorySpanExporter
+):
+    usage = LlmUsage(
+        model="test-model", input_tokens=120, output_tokens=30, cost_usd=0.25, purpose="plan"
+    )
+    harness.planner.script = [
+        PlanProduced(
+            steps=[
+                PlannedStep(description="noop", tool="noop"),
+                PlannedStep(description="flaky", tool="flaky", args={"failures": 1}),
+            ],
+            usage=[usage],
+        )
+    ]
+    run_id = harness.service.create_run("trace me")
+    assert harness.drain() == 5  # plan, noop, flaky fails, flaky works, verify
+    assert harness.service.status(run_id).run.status == RunStatus.COMPLETED
+
+    found = of_run(spans, run_id)
+    iterations = [s for s in found if s.name == "agentloop.iteration"]
+    assert len(iterations) == 5
+    _, root_span_id = tracing.run_trace_ids(run_id)
+    for span in iterations:  # each a child of the run's root
+        assert span.parent is not None and span.parent.span_id == root_span_id
+        assert span.attributes is not None
+        assert span.attributes["agentloop.run_id"] == run_id
+        assert {"agentloop.tick", "agentloop.iteration", "agentloop.action"} <= set(span.attributes)
+    iterations.sort(key=lambda s: s.start_time or 0)
+    actions = [(s.attributes or {})["agentloop.action"] for s in iterations]
+    assert actions == ["plan", "execute", "execute", "execute", "plan"]
+    tools = [(s.attributes or {}).get("agentloop.tool") for s in iterations]
+    assert tools == [None, "noop", "flaky", "flaky", None]
+    assert [(s.attributes or {}).get("agentloop.step") for s in iterations[1:4]] == [1, 2, 2]
+
+    for span in iterations:
+        names = sorted(c.name for c in children(found, span))
+        slow = "agentloop.planner" if span is iterations[0] else "agentloop.tool"
+        if span is iterations[-1]:
+            slow = "agentloop.planner"
+        assert names == sorted(["agentloop.claim", slow, "agentloop.save"]), names
+
+    (planner,) = [c for c in children(found, iterations[0]) if c.name == "agentloop.planner"]
+    attrs = dict(planner.attributes or {})
+    assert attrs["gen_ai.system"] == "anthropic"
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == "test-model"
+    assert attrs["gen_ai.usage.input_tokens"] == 120
+    assert attrs["gen_ai.usage.output_tokens"] == 30
+    assert attrs["agentloop.cost_usd"] == pytest.approx(0.25)
+    assert attrs["agentloop.outcome"] == "plan_produced"
+
+    tool_spans = [
+        c for s in iterations[1:4] for c in children(found, s) if c.name == "agentloop.tool"
+    ]
+    assert [(t.attributes or {})["gen_ai.tool.name"] for t in tool_spans] == [
+        "noop",
+        "flaky",
+        "flaky",
+    ]
+    failed = tool_spans[1]
+    assert failed.status.status_code is StatusCode.ERROR
+    assert (failed.attributes or {})["error.type"] == "transient"
+    assert tool_spans[2].status.status_code is not StatusCode.ERROR
+
+    saves = [c for s in iterations for c in children(found, s) if c.name == "agentloop.save"]
+    assert all((c.attributes or {})["agentloop.saved"] is True for c in saves)
+
+
+def test_a_decision_joins_the_runs_trace(harness: Harness, spans: InMemorySpanExporter):
+    run_id = paused_run(harness)
+    spans.clear()
+    request = tracing._tracer().start_span("GET /approve")  # as the web request's span
+    with trace.use_span(request, end_on_exit=True):
+        harness.service.approve(run_id, by="approver", channel="web")
+    (decision,) = [s for s in of_run(spans, run_id) if s.name == "agentloop.decision"]
+    assert decision.parent is not None
+    assert decision.parent.span_id == tracing.run_trace_ids(run_id)[1]
+    assert [link.context.span_id for link in decision.links] == [request.get_span_context().span_id]
+    assert (decision.attributes or {})["agentloop.decision"] == str(Decision.APPROVE)
+    assert (decision.attributes or {})["agentloop.channel"] == "web"
+    assert harness.drain() >= 1  # the approved step runs (the second one pauses again)
+    resumed = [s for s in of_run(spans, run_id) if s.name == "agentloop.iteration"]
+    assert resumed and all((s.attributes or {})["agentloop.run_id"] == run_id for s in resumed)
+
+
+def test_tracing_is_off_without_an_endpoint():
+    """No provider, no instrumentation: the decorators call straight through."""
+    code = (
+        "from opentelemetry import trace\n"
+        "from app import tracing\n"
+        "import tasks\n"
+        "assert not tracing.setup('x')\n"
+        "assert not tracing.enabled()\n"
+        "assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)\n"
+        "calls = []\n"
+        "f = tracing.iteration_span(lambda self, run_id, tick: calls.append(run_id))\n"
+        "f(object(), 'r', 1)\n"
+        "assert calls == ['r']\n"
+        "import sys\n"
+        "assert 'opentelemetry.sdk.trace' not in sys.modules, 'the SDK was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_EXPORTER_OTLP")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+# --- two real workers exporting by OTLP/HTTP to a loopback receiver ----------------------
+
+
+@dataclass
+class Received:
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.spans)
+
+
+def _value(any_value: Any) -> Any:
+    kind = any_value.WhichOneof("value")
+    return getattr(any_value, kind) if kind else None
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, Received]]:
+    """A tiny OTLP/HTTP receiver: records what is POSTed to /v1/traces, decoded."""
+    received = Received()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            if self.path != "/v1/traces":
+                self.send_response(404)
+                self.end_headers()
+                return
+            request = ExportTraceServiceRequest.FromString(body)
+            found = []
+            for resource_spans in request.resource_spans:
+                resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        found.append(
+                            {
+                                "name": span.name,
+                                "trace_id": span.trace_id.hex(),
+                                "span_id": span.span_id.hex(),
+                                "parent": span.parent_span_id.hex(),
+                                "links": [link.span_id.hex() for link in span.links],
+                                "attributes": {a.key: _value(a.value) for a in span.attributes},
+                                "resource": resource,
+                            }
+                        )
+            with received.lock:
+                received.spans.extend(found)
+            answer = ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", received
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.e2e
+def test_a_runs_iterations_on_two_workers_form_one_trace(
+    start_worker, live_service, receiver: tuple[str, Received]
+):
+    endpoint, received = receiver
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    first = start_worker(name="a", beat=False, env=env)
+    run_id = live_service.create_run("apply the idempotent effect holding 30s")
+    wait_until(lambda: (workspace(run_id) / "effects.log").exists(), what="the effect to start")
+    # The step holds on worker a; b starts, a shuts down warmly: the step ends and is
+    # saved on a, the next iteration (verify) can only be consumed by b.
+    start_worker(name="b", beat=False, env=env)
+    first.process.send_signal(15)
+    (workspace(run_id) / "release").touch()
+    wait_until(
+        lambda: live_service.status(run_id).run.status == RunStatus.COMPLETED,
+        timeout=60,
+        what="the run to complete",
+    )
+    first.process.wait(timeout=30)
+    trace_id = tracing.run_trace_id(run_id)
+
+    def iterations() -> list[dict[str, Any]]:
+        return [
+            s
+            for s in received.snapshot()
+            if s["name"] == "agentloop.iteration" and s["attributes"]["agentloop.run_id"] == run_id
+        ]
+
+    wait_until(lambda: len(iterations()) >= 3, timeout=20, what="3 iteration spans exported")
+    found = iterations()
+    assert {s["trace_id"] for s in found} == {trace_id}
+    by_worker = {s["attributes"]["agentloop.worker"] for s in found}
+    assert len(by_worker) == 2, by_worker  # two processes
+    assert {s["resource"]["service.name"] for s in found} == {"agentloop-worker"}
+    spans = {s["span_id"]: s for s in received.snapshot() if s["trace_id"] == trace_id}
+    # The last iteration (on b) was delivered by a consumer span whose parent is the
+    # publishing span on a, a child of a's iteration that executed the step.
+    verify = max(found, key=lambda s: s["attributes"]["agentloop.tick"])
+    execute = [s for s in found if s["attributes"]["agentloop.action"] == "execute"][-1]
+    assert verify["attributes"]["agentloop.worker"] != execute["attributes"]["agentloop.worker"]
+    (consumer,) = [spans[link] for link in verify["links"] if link in spans]
+    assert consumer["name"] == "run/agentloop.advance"
+    publisher = spans[consumer["parent"]]
+    assert publisher["name"] == "apply_async/agentloop.advance"
+    assert publisher["parent"] == execute["span_id"]
+    # Inside each iteration: the claim, the tool or planner call, the save, and SQL.
+    for iteration in found:
+        inside = {s["name"] for s in spans.values() if s["parent"] == iteration["span_id"]}
+        assert {"agentloop.claim", "agentloop.save"} <= inside, inside
+        assert inside & {"agentloop.tool", "agentloop.planner"}, inside
+    claims = [s for s in spans.values() if s["name"] == "agentloop.claim"]
+    assert any(s["parent"] == c["span_id"] for c in claims for s in spans.values()), (
+        "no SQL span under a claim"
+    )
