@@ -18,6 +18,11 @@ broker_transport_options: dict[str, object] = {
     "visibility_timeout": _settings.broker_visibility_timeout,
 }
 if _settings.uses_filesystem_broker:
+    # Messages appear whole or not at all (app/broker.py): kombu's own filesystem
+    # channel lets a consumer read a file it is still writing.
+    from app.broker import use_atomic_filesystem_transport
+
+    use_atomic_filesystem_transport()
     # The embedded broker is a pair of folders; kombu expects them to exist.
     _settings.broker_dir.mkdir(parents=True, exist_ok=True)
     _folder = str(_settings.broker_dir)

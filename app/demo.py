@@ -8,7 +8,9 @@ the run, prints its memory as it grows, and asks at the approval on stdin.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -90,7 +92,11 @@ def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
         "--beat", f"--schedule={data_dir / 'celerybeat-schedule'}",
     ]  # fmt: skip
     with worker_log(settings).open("wb") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # A process group of its own: the embedded beat is the worker's child, and
+        # must not outlive the demo when the worker itself died.
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
 
 def stop_worker(worker: subprocess.Popen[bytes]) -> None:
@@ -101,6 +107,9 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+    # Whatever of its group is left (the embedded beat of a worker that died).
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGKILL)
 
 
 def follow_run(

@@ -40,7 +40,15 @@ def shutdown_grace() -> float:
         return DEFAULT_GRACE
 
 
+# Whether this process is a pool child (prefork). With the solo or threads pool,
+# tasks run in the worker's main process, whose SIGTERM must keep starting the
+# warm shutdown: nothing here may touch it.
+_in_pool_child = False
+
+
 def _children_ignore_sigterm(**_: Any) -> None:
+    global _in_pool_child
+    _in_pool_child = True
     # SIG_IGN here: billiard replaces any other SIGTERM handler right after this
     # (with one that exits), but leaves an ignored signal alone.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -49,7 +57,7 @@ def _children_ignore_sigterm(**_: Any) -> None:
 def _before_each_task(**_: Any) -> None:
     # Now a handler that does nothing, not SIG_IGN: an ignored signal stays ignored
     # across exec, and the commands tools start must still stop on SIGTERM.
-    if signal.getsignal(signal.SIGTERM) is not _ignore:
+    if _in_pool_child and signal.getsignal(signal.SIGTERM) is not _ignore:
         signal.signal(signal.SIGTERM, _ignore)
 
 
