@@ -40,14 +40,18 @@ def shutdown_grace() -> float:
         return DEFAULT_GRACE
 
 
-# Whether this process is a pool child (prefork). With the solo or threads pool,
-# tasks run in the worker's main process, whose SIGTERM must keep starting the
-# warm shutdown: nothing here may touch it.
+# The worker's main process (this module is imported there, before the pool
+# forks). The solo and threads pools run tasks in it, and send worker_process_init
+# in it too: its SIGTERM must keep starting the warm shutdown, so nothing here may
+# touch it.
+_MAIN_PID = os.getpid()
 _in_pool_child = False
 
 
 def _children_ignore_sigterm(**_: Any) -> None:
     global _in_pool_child
+    if os.getpid() == _MAIN_PID:
+        return
     _in_pool_child = True
     # SIG_IGN here: billiard replaces any other SIGTERM handler right after this
     # (with one that exits), but leaves an ignored signal alone.

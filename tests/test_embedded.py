@@ -74,6 +74,9 @@ def test_the_demo_command_completes_on_embedded_defaults(tmp_path: Path):
     assert "missing env var STAGING_DATABASE_URL" in out and "plan v2 (replan)" in out
     assert "RETRY" in out and "run completed" in out
     assert (tmp_path / ".agentloop" / "agentloop.db").exists()
+    # Its worker stopped on SIGTERM (a warm shutdown), not killed after 30 s: with the
+    # solo pool a SIGTERM ignored for the pool's sake had been the worker's own.
+    assert "Warm shutdown" in (tmp_path / ".agentloop" / "demo-worker.log").read_text()
 
 
 def test_the_demo_takes_end_of_input_as_no(tmp_path: Path):
