@@ -15,10 +15,9 @@ from flask.testing import FlaskClient
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.engine.actions import LlmUsage, PlanProduced
-from app.engine.models import PlannedStep, RunStatus
+from app.engine.models import RunStatus
 from tests.conftest import ROOT
-from tests.support.fixtures import Harness, wait_until
+from tests.support.fixtures import Harness, noop_then_flaky, wait_until
 from tests.support.web import free_port, paused_run
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -45,18 +44,7 @@ def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
 
 
 def test_a_run_moves_the_counters(harness: Harness):
-    usage = LlmUsage(
-        model="test-model", input_tokens=120, output_tokens=30, cost_usd=0.25, purpose="plan"
-    )
-    harness.planner.script = [
-        PlanProduced(
-            steps=[
-                PlannedStep(description="noop", tool="noop"),
-                PlannedStep(description="flaky", tool="flaky", args={"failures": 1}),
-            ],
-            usage=[usage],
-        )
-    ]
+    harness.planner.script = [noop_then_flaky()]
     before = scrape()
     run_id = harness.service.create_run("count me")
     assert harness.drain() == 5  # plan, noop, flaky fails, flaky works, verify

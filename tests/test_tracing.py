@@ -26,10 +26,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from app import tracing
-from app.engine.actions import LlmUsage, PlanProduced
-from app.engine.models import Decision, PlannedStep, RunStatus
+from app.engine.models import Decision, RunStatus
 from tests.conftest import ROOT
-from tests.support.fixtures import Harness, wait_until, workspace
+from tests.support.fixtures import Harness, noop_then_flaky, wait_until, workspace
 from tests.support.web import free_port, paused_run
 
 # --- in process: the SDK's in-memory exporter --------------------------------------------
@@ -63,18 +62,7 @@ def children(spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSp
 def test_a_run_is_one_trace_with_a_span_per_iteration(
     harness: Harness, spans: InMemorySpanExporter
 ):
-    usage = LlmUsage(
-        model="test-model", input_tokens=120, output_tokens=30, cost_usd=0.25, purpose="plan"
-    )
-    harness.planner.script = [
-        PlanProduced(
-            steps=[
-                PlannedStep(description="noop", tool="noop"),
-                PlannedStep(description="flaky", tool="flaky", args={"failures": 1}),
-            ],
-            usage=[usage],
-        )
-    ]
+    harness.planner.script = [noop_then_flaky()]
     run_id = harness.service.create_run("trace me")
     assert harness.drain() == 5  # plan, noop, flaky fails, flaky works, verify
     assert harness.service.status(run_id).run.status == RunStatus.COMPLETED

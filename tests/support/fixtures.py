@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from app.config import load_settings
-from app.engine.actions import PlanFinished, PlanOutcome, PlanProduced
+from app.engine.actions import LlmUsage, PlanFinished, PlanOutcome, PlanProduced
 from app.engine.models import PlannedStep
 from app.planner.base import PlanCheck, PlanRequest
 from app.service import AgentService, Notice
@@ -165,6 +165,23 @@ class ScriptedPlanner:
         if self.script:
             return self.script.pop(0)
         return PlanFinished(report="# scripted report")
+
+
+# One planner call's usage, and a plan that runs a step and retries a flaky one: what
+# the metrics and tracing tests watch a run do.
+PLANNER_USAGE = LlmUsage(
+    model="test-model", input_tokens=120, output_tokens=30, cost_usd=0.25, purpose="plan"
+)
+
+
+def noop_then_flaky() -> PlanProduced:
+    return PlanProduced(
+        steps=[
+            PlannedStep(description="noop", tool="noop"),
+            PlannedStep(description="flaky", tool="flaky", args={"failures": 1}),
+        ],
+        usage=[PLANNER_USAGE],
+    )
 
 
 def steps(*tools: str) -> PlanProduced:
