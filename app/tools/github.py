@@ -380,12 +380,7 @@ def github_status(args: StatusArgs, ctx: ToolContext) -> ToolResult:
     )
     if newest is not None and all((newest.get(k) or None) == (v or None) for k, v in want.items()):
         return ToolResult(
-            result={
-                "id": newest.get("id"),
-                "state": args.state,
-                "context": args.context,
-                "already_set": True,
-            },
+            result=_status_result(args, newest.get("id"), already_set=True),
             summary=f"status {args.context} on {args.sha[:12]} already {args.state}",
         )
     body = {k: v for k, v in want.items() if v}
@@ -398,14 +393,18 @@ def github_status(args: StatusArgs, ctx: ToolContext) -> ToolResult:
     )
     made = answer.data if isinstance(answer.data, dict) else {}
     return ToolResult(
-        result={
-            "id": made.get("id"),
-            "state": args.state,
-            "context": args.context,
-            "already_set": False,
-        },
+        result=_status_result(args, made.get("id"), already_set=False),
         summary=f"set status {args.context}={args.state} on {args.repo}@{args.sha[:12]}",
     )
+
+
+def _status_result(args: StatusArgs, status_id: Any, *, already_set: bool) -> dict[str, Any]:
+    return {
+        "id": status_id,
+        "state": args.state,
+        "context": args.context,
+        "already_set": already_set,
+    }
 
 
 TOOLS: list[Tool] = [github_pr, github_comment, github_status]
