@@ -90,9 +90,15 @@ runs = Table(
     # request it came with: a retried create returns the run it made (migration 0003).
     Column("idempotency_key", String(300)),
     Column("request_hash", String(64)),
+    # Lineage of a fork: the run it was forked from and the step number (as the run
+    # page shows it) its history was kept through (migration 0005). No foreign key:
+    # a fork outlives a pruned parent and imports without it.
+    Column("parent_run_id", String(32)),
+    Column("forked_from_step", Integer),
     Index("ix_runs_status_next_run_at", "status", "next_run_at"),
     Index("ix_runs_created_at", "created_at"),
     Index("ux_runs_idempotency_key", "idempotency_key", unique=True),
+    Index("ix_runs_parent_run_id", "parent_run_id"),
 )
 
 steps = Table(
