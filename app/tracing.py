@@ -296,7 +296,8 @@ def slow_work_span(fn: Callable[P, R]) -> Callable[P, R]:
             "agentloop.planner", kind=SpanKind.CLIENT, attributes=attributes
         ) as span:
             outcome = fn(*args, **kwargs)
-            _describe_planner(span, outcome)
+            request = getattr(work, "request", None)
+            _describe_planner(span, outcome, requested=request.config.model if request else None)
             return outcome
 
     return traced
@@ -312,7 +313,9 @@ def _describe_tool(span: Span, outcome: Any) -> None:
         span.set_status(trace.StatusCode.ERROR, str(getattr(outcome, "error", ""))[:500])
 
 
-def _describe_planner(span: Span, outcome: Any) -> None:
+def _describe_planner(span: Span, outcome: Any, *, requested: str | None) -> None:
+    """The planner call's GenAI attributes: model asked for and answering, tokens, cost
+    and why each model call stopped (`gen_ai.response.finish_reasons`)."""
     if not span.is_recording():
         return
     span.set_attribute("agentloop.outcome", str(getattr(outcome, "type", "")))
@@ -321,7 +324,8 @@ def _describe_planner(span: Span, outcome: Any) -> None:
         return  # no model was called (the offline planner)
     span.set_attribute("gen_ai.system", "anthropic")  # the one model planner there is
     span.set_attribute("gen_ai.provider.name", "anthropic")  # the attribute's newer name
-    span.set_attribute("gen_ai.request.model", str(usage[-1].model))
+    span.set_attribute("gen_ai.request.model", str(requested or usage[-1].model))
+    span.set_attribute("gen_ai.response.model", str(usage[-1].model))
     span.set_attribute("gen_ai.usage.input_tokens", sum(u.input_tokens for u in usage))
     span.set_attribute("gen_ai.usage.output_tokens", sum(u.output_tokens for u in usage))
     span.set_attribute(
@@ -330,9 +334,9 @@ def _describe_planner(span: Span, outcome: Any) -> None:
     span.set_attribute("agentloop.usage.cache_read_tokens", sum(u.cache_read_tokens for u in usage))
     span.set_attribute("agentloop.cost_usd", float(sum(u.cost_usd for u in usage)))
     span.set_attribute("agentloop.llm_calls", len(usage))
-    stop = [str(r) for u in usage if (r := getattr(u, "stop_reason", None))]
-    if stop:
-        span.set_attribute("gen_ai.response.finish_reasons", stop)
+    stopped = [u.stop_reason for u in usage if u.stop_reason]
+    if stopped:  # one per model call, repairs included
+        span.set_attribute("gen_ai.response.finish_reasons", stopped)
 
 
 def decision_span(fn: Callable[P, R]) -> Callable[P, R]:

@@ -4,6 +4,7 @@ OTLP/HTTP to a loopback receiver: one trace per run, parent/child across process
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import subprocess
@@ -26,8 +27,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from app import tracing
-from app.engine.models import Decision, RunStatus
+from app.engine.models import Decision, RunConfig, RunStatus
+from app.planner.anthropic import AnthropicPlanner
 from tests.conftest import ROOT
+from tests.fake_anthropic import FakeAnthropic, finish_reply, plan_reply, text_reply
 from tests.support.fixtures import Harness, noop_then_flaky, wait_until, workspace
 from tests.support.web import free_port, paused_run
 
@@ -94,7 +97,8 @@ def test_a_run_is_one_trace_with_a_span_per_iteration(
     attrs = dict(planner.attributes or {})
     assert attrs["gen_ai.system"] == "anthropic"
     assert attrs["gen_ai.operation.name"] == "chat"
-    assert attrs["gen_ai.request.model"] == "test-model"
+    assert attrs["gen_ai.request.model"] == RunConfig().model  # what the run asked for
+    assert attrs["gen_ai.response.model"] == "test-model"  # what answered
     assert attrs["gen_ai.usage.input_tokens"] == 120
     assert attrs["gen_ai.usage.output_tokens"] == 30
     assert attrs["agentloop.cost_usd"] == pytest.approx(0.25)
@@ -115,6 +119,50 @@ def test_a_run_is_one_trace_with_a_span_per_iteration(
 
     saves = [c for s in iterations for c in children(found, s) if c.name == "agentloop.save"]
     assert all((c.attributes or {})["agentloop.saved"] is True for c in saves)
+
+
+def test_the_planner_span_carries_the_genai_attributes_of_claudes_answers(
+    harness: Harness, spans: InMemorySpanExporter, fake_anthropic: FakeAnthropic
+):
+    """The real SDK against the fake API: a text answer (end_turn) is repaired into a
+    plan (tool_use); the span sums both calls and lists why each stopped."""
+    planner = AnthropicPlanner(api_key="test-key", base_url=fake_anthropic.base_url)
+    harness.service = dataclasses.replace(harness.service, planners=lambda kind: planner)
+    fake_anthropic.script(
+        text_reply("I would rather chat", usage={"input_tokens": 100, "output_tokens": 10}),
+        plan_reply(
+            [{"description": "nothing", "tool": "noop", "args": {}}],
+            usage={"input_tokens": 200, "output_tokens": 20},
+        ),
+        finish_reply("# done", usage={"input_tokens": 50, "output_tokens": 5}),
+    )
+    model = "claude-haiku-4-5"
+    config = {"planner": "anthropic", "model": model}
+    run_id = harness.service.create_run("plan with claude", config=config)
+    harness.drain()
+    planner.close()
+    view = harness.service.status(run_id)
+    assert view.run.status == RunStatus.COMPLETED, view.run.error
+
+    planners = sorted(
+        (s for s in of_run(spans, run_id) if s.name == "agentloop.planner"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert len(planners) == 2  # the plan (repaired once) and the verification
+    first, verify = (dict(s.attributes or {}) for s in planners)
+    assert first["gen_ai.operation.name"] == "chat"
+    assert first["gen_ai.provider.name"] == "anthropic"
+    assert first["gen_ai.request.model"] == first["gen_ai.response.model"] == model
+    assert first["gen_ai.response.finish_reasons"] == ("end_turn", "tool_use")
+    assert first["gen_ai.usage.input_tokens"] == 300
+    assert first["gen_ai.usage.output_tokens"] == 30
+    assert first["agentloop.llm_calls"] == 2
+    calls = [e for e in view.events if e.kind == "llm_call"]
+    assert [c.data["stop_reason"] for c in calls] == ["end_turn", "tool_use", "tool_use"]
+    assert first["agentloop.cost_usd"] == pytest.approx(sum(c.data["cost_usd"] for c in calls[:2]))
+    assert first["agentloop.cost_usd"] > 0
+    assert verify["gen_ai.response.finish_reasons"] == ("tool_use",)
+    assert verify["agentloop.plan.purpose"] == "verify"
 
 
 def test_a_decision_joins_the_runs_trace(harness: Harness, spans: InMemorySpanExporter):

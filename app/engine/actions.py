@@ -106,6 +106,9 @@ class LlmUsage(BaseModel):
     cost_usd: float = 0.0
     purpose: str = ""
     request_bytes: int = 0
+    # Why the model stopped (end_turn, tool_use, max_tokens, refusal); None when the
+    # answer did not say.
+    stop_reason: str | None = None
 
     @property
     def total_tokens(self) -> int:

@@ -348,11 +348,14 @@ def _read_answer(reply: _Reply, *, model: str, request_bytes: int, purpose: str)
         )
     assert usage is not None
     stop_reason = data.get("stop_reason")
+    stop_reason = stop_reason if isinstance(stop_reason, str) else None
+    # Kept with the call's usage (its llm_call event, the planner span): clean and short.
+    stopped = _clean_text(stop_reason)[:80] if stop_reason is not None else None
     return _Answer(
         model=answered,
-        stop_reason=stop_reason if isinstance(stop_reason, str) else None,
+        stop_reason=stop_reason,
         blocks=[block for block in content if isinstance(block, dict)],
-        usage=usage,
+        usage=usage.model_copy(update={"stop_reason": stopped}),
     )
 
 
