@@ -120,6 +120,7 @@ def stored_steps(draw: st.DrawFn, plan_version: int) -> list[dict[str, Any]]:
             "error_class": draw(st.none() | ERROR_CLASSES),
             "approved_args_hash": draw(st.none() | HASHES),
             "idempotency_key": f"key-{position}",
+            "context_updates": draw(st.none() | CONTEXT),
         }
         for position in range(1, count + 1)
     ]
@@ -142,6 +143,7 @@ def step_updates(draw: st.DrawFn, step_ids: list[int]) -> list[StepUpdate]:
             error_class=draw(st.none() | ERROR_CLASSES),
             args=draw(st.none() | JSON_DICTS),
             approved_args_hash=draw(st.none() | HASHES),
+            context_updates=draw(st.none() | CONTEXT),
         )
         for step_id in chosen
     ]

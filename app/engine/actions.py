@@ -209,6 +209,7 @@ class StepUpdate(BaseModel):
     error_class: ErrorClass | None = None
     args: JSONDict | None = None
     approved_args_hash: str | None = None
+    context_updates: dict[str, str] | None = None
 
 
 class HumanRequest(BaseModel):

@@ -87,6 +87,8 @@ STEP_WRITES: tuple[Write, ...] = (
     Write("error_class", "error_class", How.REPLACE),
     Write("args", "args", How.REPLACE),
     Write("approved_args_hash", "approved_args_hash", How.REPLACE),
+    # Kept per step so the context after any step can be rebuilt (a fork needs it).
+    Write("context_updates", "context_updates", How.REPLACE),
     Write("result", "result", How.FLAGGED, flag="set_result"),
     Write("error", "error", How.FLAGGED, flag="set_error"),
 )

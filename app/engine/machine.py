@@ -244,6 +244,7 @@ def _step_succeeded(step: Step, outcome: StepSucceeded) -> Transition:
                 set_result=True,
                 error=None,
                 set_error=True,
+                context_updates=outcome.context_updates or None,
             )
         ],
         context_updates=outcome.context_updates,

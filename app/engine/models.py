@@ -220,6 +220,8 @@ class Step(BaseModel):
     error_class: ErrorClass | None = None
     approved_args_hash: str | None = None
     idempotency_key: str = ""
+    # What the step set in the run context when it completed (None: nothing).
+    context_updates: dict[str, str] | None = None
 
     @property
     def args_hash(self) -> str:

@@ -119,7 +119,8 @@ def scrub_transition(transition: Transition) -> Transition:
     changes: dict[str, Any] = {
         "events": [_scrub_fields(e, "message", "data") for e in transition.events],
         "step_updates": [
-            _scrub_fields(u, "result", "error", "args") for u in transition.step_updates
+            _scrub_fields(u, "result", "error", "args", "context_updates")
+            for u in transition.step_updates
         ],
         "new_steps": [
             _scrub_fields(p, "description", "tool", "args") for p in transition.new_steps

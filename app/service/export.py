@@ -37,7 +37,7 @@ _RUN_TIMES = {"deadline", "created_at", "updated_at", "started_at", "finished_at
 _STEP_COLUMNS = [
     "plan_version", "position", "description", "tool", "args", "status", "attempts",
     "result", "error", "error_class", "approved_args_hash", "idempotency_key",
-    "created_at", "updated_at",
+    "context_updates", "created_at", "updated_at",
 ]  # fmt: skip
 _APPROVAL_COLUMNS = [
     "kind", "status", "reason", "args_hash", "expires_at", "decision", "decided_by",

@@ -118,6 +118,9 @@ steps = Table(
     Column("error_class", String(20)),
     Column("approved_args_hash", String(64)),
     Column("idempotency_key", String(100), nullable=False),
+    # What the step set in the run context when it completed; the context is the
+    # merge of these in step order, which a fork replays up to its step (0005).
+    Column("context_updates", Json),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Index("ix_steps_run_plan", "run_id", "plan_version", "position"),
