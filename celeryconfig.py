@@ -63,3 +63,9 @@ beat_schedule = {
         "schedule": _settings.expire_interval,
     },
 }
+if _settings.retention_age is not None:
+    # Retention (AGENTLOOP_RETENTION): old finished runs are pruned on beat.
+    beat_schedule["agentloop-prune"] = {
+        "task": "agentloop.prune",
+        "schedule": _settings.retention_interval,
+    }

@@ -61,10 +61,14 @@ def check_broker(settings: Settings) -> None:
 
 def connect(*, broker: bool = True) -> tuple[Settings, AgentService]:
     """Settings and a service, after checking the database (and broker) answer."""
+    from app import tracing
     from app.wiring import build_service
     from tasks import CeleryDispatcher, CeleryNotifier
 
     settings = load_settings()
+    # A cancel or decision from here joins the run's trace, when OTEL_EXPORTER_OTLP_ENDPOINT
+    # is set (the SDK exports what is buffered when the command exits).
+    tracing.setup("agentloop-cli")
     try:
         service = build_service(
             settings, CeleryDispatcher(settings.max_countdown), CeleryNotifier()

@@ -7,11 +7,12 @@ filesystem broker. Set DATABASE_URL / CELERY_BROKER_URL for PostgreSQL / Redis.
 from __future__ import annotations
 
 import shlex
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The tools every deployment has. The demo tools (app.tools.demo) are not among
@@ -110,6 +111,43 @@ class Settings(BaseSettings):
     # What the beat task does with an approval nobody decided in time.
     approval_expiry: Literal["reject", "fail"] = "reject"
     expire_interval: float = Field(60.0, gt=0, le=3600)
+    # Retention on beat: finished runs older than this age (30d, 12h: as `agentloop prune
+    # --older-than`) are removed with their history and workspaces; empty: never.
+    retention: str = ""
+    # The finished statuses beat prunes (comma-separated, as `prune --status`); empty: all.
+    retention_statuses: str = ""
+    retention_interval: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
+
+    @field_validator("retention", "retention_statuses")
+    @classmethod
+    def _retention(cls, value: str, info: ValidationInfo) -> str:
+        """Refused at start-up, not at the first prune: an age `prune` reads, statuses
+        it accepts (never an active or paused one)."""
+        value = value.strip()
+        if not value:
+            return value
+        from app.errors import InvalidInput
+        from app.service.retention import finished_statuses, parse_age
+
+        try:
+            if info.field_name == "retention":
+                parse_age(value)
+            else:
+                finished_statuses(value.split(","))
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def retention_age(self) -> timedelta | None:
+        """How old a finished run beat prunes; None: retention is off."""
+        from app.service.retention import parse_age
+
+        return parse_age(self.retention) if self.retention else None
+
+    @property
+    def retention_status_list(self) -> list[str] | None:
+        return self.retention_statuses.split(",") if self.retention_statuses else None
 
     @field_validator("runbooks_dir", "workspace_root", "mcp_config", mode="before")
     @classmethod

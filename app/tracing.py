@@ -17,7 +17,8 @@ the previous iteration, across processes).
 
 The service uses decorators only (app/engine stays free of this):
 `iteration_span` on `advance`, `child_span` on the claim and the save,
-`slow_work_span` on the tool or planner call, `decision_span` on decisions.
+`slow_work_span` on the tool or planner call, `decision_span`, `cancel_span` and
+`expiry_span` on what people (and the approval timer) do to a run.
 """
 
 from __future__ import annotations
@@ -339,20 +340,57 @@ def _describe_planner(span: Span, outcome: Any, *, requested: str | None) -> Non
         span.set_attribute("gen_ai.response.finish_reasons", stopped)
 
 
-def decision_span(fn: Callable[P, R]) -> Callable[P, R]:
-    """`decide(self, run_id, decision, ..., channel=)` as `agentloop.decision` in the
-    run's trace: the iteration it resumes follows from it."""
+def in_run_trace(
+    name: str, describe: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[str, dict[str, Any]]]
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Run the decorated method as span `name` of a run's trace, linked to the span
+    current here (a web request, a beat task's delivery); `describe(args, kwargs)` says
+    which run, and with what attributes."""
 
-    @functools.wraps(fn)
-    def traced(*args: P.args, **kwargs: P.kwargs) -> R:
-        if not enabled():
-            return fn(*args, **kwargs)
-        run_id = str(_arg(args, kwargs, 1, "run_id"))
-        attributes = {
-            "agentloop.decision": str(_arg(args, kwargs, 2, "decision")),
-            "agentloop.channel": str(kwargs.get("channel") or "none"),
-        }
-        with run_span("agentloop.decision", run_id, attributes):
-            return fn(*args, **kwargs)
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def traced(*args: P.args, **kwargs: P.kwargs) -> R:
+            if not enabled():
+                return fn(*args, **kwargs)
+            run_id, attributes = describe(args, kwargs)
+            with run_span(name, run_id, attributes) as span:
+                result = fn(*args, **kwargs)
+                if isinstance(result, bool):
+                    span.set_attribute("agentloop.done", result)
+                return result
 
-    return traced
+        return traced
+
+    return decorate
+
+
+def _who(by: Any) -> str:
+    return str(getattr(by, "name", by))
+
+
+def _decision(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    return str(_arg(args, kwargs, 1, "run_id")), {
+        "agentloop.decision": str(_arg(args, kwargs, 2, "decision")),
+        "agentloop.channel": str(kwargs.get("channel") or "none"),
+        "agentloop.by": _who(kwargs.get("by")),
+    }
+
+
+def _cancel(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    return str(_arg(args, kwargs, 1, "run_id")), {"agentloop.by": _who(kwargs.get("by"))}
+
+
+def _expiry(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    approval = _arg(args, kwargs, 1, "approval")
+    return str(approval.run_id), {
+        "agentloop.approval_id": str(approval.id),
+        "agentloop.expiry.policy": str(kwargs.get("policy")),
+    }
+
+
+# `decide(self, run_id, decision, ..., by=, channel=)`: the iteration it resumes follows.
+decision_span = in_run_trace("agentloop.decision", _decision)
+# `cancel(self, run_id, *, by=)`, from the web, the API or the CLI.
+cancel_span = in_run_trace("agentloop.cancel", _cancel)
+# `_expire_one(self, approval, *, ttl=, policy=)` (beat); agentloop.done: it was settled.
+expiry_span = in_run_trace("agentloop.expiry", _expiry)

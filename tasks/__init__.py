@@ -2,7 +2,8 @@
 
 `agentloop.advance(run_id, tick)` is one iteration of one run; it re-enqueues
 itself through the service's dispatcher, with a countdown, after its commit.
-`agentloop.sweep()` (Celery beat) re-enqueues runs whose message was lost.
+`agentloop.sweep()` (Celery beat) re-enqueues runs whose message was lost;
+`agentloop.prune()` (beat, with AGENTLOOP_RETENTION) removes old finished runs.
 """
 
 from __future__ import annotations
@@ -158,6 +159,21 @@ def notify(self: Task, notice: str, run_id: str) -> None:
         deliver(service(), Notice(notice), run_id, attempt=self.request.retries + 1)
     except DeliveryFailed as exc:
         raise self.retry(countdown=min(300, 2 ** (self.request.retries + 1))) from exc
+
+
+@celery_app.task(name="agentloop.prune", acks_late=True)
+def prune() -> int:
+    """Beat, when AGENTLOOP_RETENTION is set: remove finished runs older than that, as
+    `agentloop prune` does (never a queued, running or paused run)."""
+    from app.config import load_settings
+
+    settings = load_settings()
+    if settings.retention_age is None:
+        return 0  # retention was switched off after beat sent this
+    report = service().prune(
+        older_than=settings.retention_age, statuses=settings.retention_status_list
+    )
+    return len(report.runs)
 
 
 @celery_app.task(name="agentloop.expire_approvals", acks_late=True)

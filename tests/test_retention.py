@@ -3,16 +3,23 @@ never an active or paused run; export → import keeps the history and runs noth
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
 
+from app.config import ConfigError, load_settings
 from app.engine.models import RunStatus
 from app.errors import InvalidInput
 from app.service.retention import parse_age, parse_since
 from app.store.schema import approvals, events, runs, steps
-from tests.support.fixtures import Harness
+from tests.conftest import ROOT
+from tests.support.fixtures import Harness, Worker, wait_until
 from tests.support.fixtures import steps as plan
 from tests.support.web import paused_run
 
@@ -118,6 +125,70 @@ def test_the_status_filter_prunes_only_the_statuses_named(harness: Harness):
     assert cancelled in {r.id for r in report.runs}
     assert completed not in {r.id for r in report.runs}
     assert rows(harness, completed)["runs"] == 1
+
+
+@pytest.mark.e2e
+def test_beat_prunes_with_agentloop_retention_and_never_a_paused_run(
+    harness: Harness, start_worker: Callable[..., Worker]
+):
+    """A real worker with beat: the agentloop.prune task, every half second, removes
+    the old completed run; the old paused run and (not among the statuses asked
+    for) the old cancelled run stay."""
+    old = finished_run(harness)
+    cancelled = queued_run(harness)
+    harness.service.cancel(cancelled, by="tests")
+    paused = paused_run(harness)
+    for run_id in (old, cancelled, paused):
+        age(harness, run_id, 40)
+    start_worker(
+        env={
+            "AGENTLOOP_RETENTION": "30d",
+            "AGENTLOOP_RETENTION_STATUSES": "completed",
+            "AGENTLOOP_RETENTION_INTERVAL": "0.5",
+        }
+    )
+    wait_until(lambda: rows(harness, old)["runs"] == 0, timeout=60, what="beat to prune")
+    assert rows(harness, old) == {"steps": 0, "events": 0, "approvals": 0, "runs": 0}
+    assert harness.service.status(paused).run.status == RunStatus.PAUSED
+    assert rows(harness, paused)["approvals"] == 1
+    assert harness.service.status(cancelled).run.status == RunStatus.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("env", "schedule"),
+    [({}, None), ({"AGENTLOOP_RETENTION": "30d", "AGENTLOOP_RETENTION_INTERVAL": "600"}, 600.0)],
+)
+def test_the_prune_beat_entry_is_there_only_with_agentloop_retention(
+    env: dict[str, str], schedule: float | None
+):
+    code = (
+        "import celeryconfig, json\n"
+        "entry = celeryconfig.beat_schedule.get('agentloop-prune')\n"
+        "print(json.dumps(entry))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLOOP_RETENTION")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**base, **env}, capture_output=True,
+        text=True, check=True,
+    )  # fmt: skip
+    entry = json.loads(done.stdout.strip().splitlines()[-1])
+    if schedule is None:
+        assert entry is None
+    else:
+        assert entry == {"task": "agentloop.prune", "schedule": schedule}
+
+
+def test_retention_settings_are_checked_with_prunes_own_rules():
+    assert load_settings(retention="30d").retention_age == timedelta(days=30)
+    assert load_settings().retention_age is None
+    assert load_settings(retention_statuses="failed, cancelled").retention_status_list == [
+        "failed",
+        " cancelled",
+    ]
+    with pytest.raises(ConfigError, match="not an age"):
+        load_settings(retention="30 days")
+    with pytest.raises(ConfigError, match="never paused"):
+        load_settings(retention="30d", retention_statuses="completed,paused")
 
 
 def test_ages_and_times_parse():

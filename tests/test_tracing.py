@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -29,6 +29,7 @@ from opentelemetry.trace import StatusCode
 from app import tracing
 from app.engine.models import Decision, RunConfig, RunStatus
 from app.planner.anthropic import AnthropicPlanner
+from app.store.accounts import Accounts, Role, User
 from tests.conftest import ROOT
 from tests.fake_anthropic import FakeAnthropic, finish_reply, plan_reply, text_reply
 from tests.support.fixtures import Harness, noop_then_flaky, wait_until, workspace
@@ -182,6 +183,38 @@ def test_a_decision_joins_the_runs_trace(harness: Harness, spans: InMemorySpanEx
     assert resumed and all((s.attributes or {})["agentloop.run_id"] == run_id for s in resumed)
 
 
+def test_a_cancel_joins_the_runs_trace(harness: Harness, spans: InMemorySpanExporter):
+    run_id = paused_run(harness)
+    spans.clear()
+    request = tracing._tracer().start_span("POST /runs/cancel")  # as the web request's span
+    with trace.use_span(request, end_on_exit=True):
+        harness.service.cancel(run_id, by="canceller")
+    (cancel,) = [s for s in of_run(spans, run_id) if s.name == "agentloop.cancel"]
+    assert cancel.parent is not None
+    assert cancel.parent.span_id == tracing.run_trace_ids(run_id)[1]
+    assert [link.context.span_id for link in cancel.links] == [request.get_span_context().span_id]
+    assert (cancel.attributes or {})["agentloop.by"] == "canceller"
+    assert harness.service.status(run_id).run.status == RunStatus.CANCELLED
+
+
+def test_an_approval_expiring_joins_the_runs_trace(harness: Harness, spans: InMemorySpanExporter):
+    run_id = paused_run(harness)
+    other = paused_run(harness)
+    spans.clear()
+    harness.clock.advance(120)
+    assert harness.service.expire_approvals(ttl=60, policy="reject") >= 2
+    for each in (run_id, other):
+        (expiry,) = [s for s in of_run(spans, each) if s.name == "agentloop.expiry"]
+        assert expiry.parent is not None
+        assert expiry.parent.span_id == tracing.run_trace_ids(each)[1]
+        attributes = dict(expiry.attributes or {})
+        assert attributes["agentloop.run_id"] == each
+        assert attributes["agentloop.expiry.policy"] == "reject"
+        assert attributes["agentloop.done"] is True  # settled
+    assert harness.drain() >= 1  # the runs re-plan around the rejected step, in their traces
+    assert [s for s in of_run(spans, run_id) if s.name == "agentloop.iteration"]
+
+
 def test_tracing_is_off_without_an_endpoint():
     """No provider, no instrumentation: the decorators call straight through."""
     code = (
@@ -195,8 +228,12 @@ def test_tracing_is_off_without_an_endpoint():
         "f = tracing.iteration_span(lambda self, run_id, tick: calls.append(run_id))\n"
         "f(object(), 'r', 1)\n"
         "assert calls == ['r']\n"
+        "from app.web import create_app, deps\n"
+        "with create_app().app_context():\n"
+        "    deps.service()\n"
         "import sys\n"
         "assert 'opentelemetry.sdk.trace' not in sys.modules, 'the SDK was imported'\n"
+        "assert 'opentelemetry.instrumentation.sqlalchemy' not in sys.modules\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_EXPORTER_OTLP")}
     done = subprocess.run(
@@ -272,6 +309,70 @@ def receiver() -> Iterator[tuple[str, Received]]:
     yield f"http://127.0.0.1:{server.server_address[1]}", received
     server.shutdown()
     server.server_close()
+
+
+def test_a_cancel_from_the_cli_is_exported_in_the_runs_trace(
+    harness: Harness, receiver: tuple[str, Received]
+):
+    endpoint, received = receiver
+    run_id = paused_run(harness)
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "cancel", run_id],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert harness.service.status(run_id).run.status == RunStatus.CANCELLED
+    (cancel,) = [s for s in received.snapshot() if s["name"] == "agentloop.cancel"]
+    assert cancel["trace_id"] == tracing.run_trace_id(run_id)
+    assert cancel["parent"] == format(tracing.run_trace_ids(run_id)[1], "016x")
+    assert cancel["resource"]["service.name"] == "agentloop-cli"
+
+
+WEB_CANCEL = """
+import sys
+from app import tracing
+from app.web import create_app
+
+client = create_app().test_client()
+answer = client.post(
+    f"/api/runs/{sys.argv[1]}/cancel", headers={"Authorization": f"Bearer {sys.argv[2]}"}
+)
+assert answer.status_code == 200, answer.get_data(as_text=True)
+tracing.flush()
+"""
+
+
+def test_the_web_apps_sql_and_a_cancel_by_the_api_are_traced(
+    harness: Harness,
+    receiver: tuple[str, Received],
+    make_user: Callable[..., User],
+    accounts: Accounts,
+):
+    """The web app in a process of its own, exporting by OTLP: the request's SQL (the
+    token check) as children of the request's span; the cancel in the run's trace,
+    linked to the request, with its own SQL under it."""
+    endpoint, received = receiver
+    run_id = paused_run(harness)
+    token = accounts.issue_token(make_user("admin", role=Role.ADMIN).id, label="tests")
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+    done = subprocess.run(
+        [sys.executable, "-c", WEB_CANCEL, run_id, token],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found = received.snapshot()
+    (request,) = [s for s in found if s["name"] == "POST /api/runs/<run_id>/cancel"]
+    assert request["resource"]["service.name"] == "agentloop-web"
+    sql = [
+        s for s in found if "db.system" in s["attributes"] or "db.system.name" in s["attributes"]
+    ]
+    assert any(s["parent"] == request["span_id"] for s in sql), "no SQL span under the request"
+    (cancel,) = [s for s in found if s["name"] == "agentloop.cancel"]
+    assert cancel["trace_id"] == tracing.run_trace_id(run_id)
+    assert cancel["links"] == [request["span_id"]]
+    assert any(s["parent"] == cancel["span_id"] for s in sql), "no SQL span under the cancel"
+    assert harness.service.status(run_id).run.status == RunStatus.CANCELLED
 
 
 @pytest.mark.e2e

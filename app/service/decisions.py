@@ -174,6 +174,7 @@ class Decisions(ServiceBase):
             return f"this approval is {approval.status}"
         return f"run {row.id} is {row.status}, not waiting for a decision"
 
+    @tracing.cancel_span
     def cancel(self, run_id: str, *, by: Actor | str) -> None:
         """Cancel a queued, running or paused run. Raises NotFound, Conflict, Forbidden
         (an operator cancels only their own runs)."""
@@ -211,18 +212,19 @@ class Decisions(ServiceBase):
             overdue = tx.overdue_approvals(
                 kind=PauseKind.APPROVAL, opened_before=now - timedelta(seconds=ttl), now=now
             )
-        settled = sum(self._expire_one(a.id, ttl=ttl, policy=policy) for a in overdue)
+        settled = sum(self._expire_one(a, ttl=ttl, policy=policy) for a in overdue)
         if settled:
             log.info("expired %d approval(s) (policy: %s)", settled, policy)
         return settled
 
-    def _expire_one(self, approval_id: str, *, ttl: float, policy: str) -> bool:
+    @tracing.expiry_span
+    def _expire_one(self, approval: ApprovalRecord, *, ttl: float, policy: str) -> bool:
         """One approval: an approval that cannot be settled (its step is gone) is logged
         and left, so it never keeps the others from expiring."""
         try:
-            return self._expire(approval_id, ttl=ttl, policy=policy)
+            return self._expire(approval.id, ttl=ttl, policy=policy)
         except NotFound:
-            log.exception("approval %s cannot be expired", approval_id)
+            log.exception("approval %s cannot be expired", approval.id)
             return False
 
     def _expire(self, approval_id: str, *, ttl: float, policy: str) -> bool:

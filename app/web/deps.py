@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import current_app
 
+from app import tracing
 from app.config import Settings
 from app.service import AgentService
 from app.store.accounts import Accounts
@@ -18,6 +19,8 @@ class Deps:
     def __init__(self, settings: Settings, service: AgentService | None = None) -> None:
         self.settings = settings
         self._service = service
+        if service is not None:
+            tracing.instrument_engines(service.store.engines)
         self._accounts: Accounts | None = None
         self._lock = threading.Lock()
 
@@ -28,6 +31,8 @@ class Deps:
         with self._lock:
             if self._service is None:
                 self._service = _build_service(self.settings)
+                # A request's SQL as child spans of its span, when tracing is on.
+                tracing.instrument_engines(self._service.store.engines)
             return self._service
 
     @property
