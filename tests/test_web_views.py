@@ -195,7 +195,7 @@ def test_the_live_endpoint_sends_only_new_events_and_sections_on_change(signed_i
     harness.planner.script = [steps("noop", "noop")]
     run_id = harness.service.create_run("live")
     first = signed_in.get(f"/runs/{run_id}/live?after=0").json
-    assert set(first["sections"]) == {"summary", "actions", "plans", "steps"}
+    assert set(first["sections"]) == {"summary", "actions", "plans", "steps", "waterfall"}
     assert first["status"] == "queued" and not first["terminal"]
     quiet = signed_in.get(f"/runs/{run_id}/live?after={first['last_event']}&state={first['state']}")
     assert "sections" not in quiet.json and quiet.json["events"].strip() == ""

@@ -34,6 +34,11 @@ def duration(start: datetime | None, end: datetime | None = None) -> str:
     return _span((end or _now()) - start)
 
 
+def since(when: datetime, start: datetime) -> str:
+    """A moment as the time since the run began: "+1.2 s", "+3 min 4 s"."""
+    return "+" + _span(when - start)
+
+
 def _span(delta: Any) -> str:
     seconds = max(0.0, delta.total_seconds())
     if seconds < 60:

@@ -17,7 +17,7 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 
-from app import stall
+from app import stall, timeline
 from app.engine.models import Decision, PauseKind, RunStatus
 from app.errors import NotFound
 from app.service import Conflict, Forbidden, InvalidInput, RunView
@@ -109,8 +109,11 @@ def _field_for_problem(form: NewRunForm, message: str) -> Any:
 @bp.get("/runs/<run_id>")
 @login_required
 def show(run_id: str) -> ResponseReturnValue:
-    view = _status(run_id)
-    return render_template("runs/show.html", **_page_context(view))
+    """The run page; `before` shows the stretch of the timeline before that event."""
+    before = _int_arg("before", default=0, low=1, high=MAX_EVENT_ID) or None
+    view = _status(run_id, after_event=MAX_EVENT_ID)  # the row and steps: events come bounded
+    events = timeline.read_page(deps.service().store, run_id, before=before)
+    return render_template("runs/show.html", **_page_context(view, events), before=before)
 
 
 @bp.get("/runs/<run_id>/live")
@@ -120,22 +123,28 @@ def live(run_id: str) -> ResponseReturnValue:
     and every section again when the run itself changed."""
     after = _int_arg("after", default=0, low=0, high=MAX_EVENT_ID)
     seen = request.args.get("state", "")
-    # Most polls find the run as it was: read only the new events then, so a
-    # watched page costs the same at iteration 5 as at iteration 5,000.
-    fresh = _status(run_id, after_event=after)
+    # The row first, then the events: a run seen ending has written its last events.
+    fresh = _status(run_id, after_event=MAX_EVENT_ID)
+    store = deps.service().store
+    # At most LIVE_EVENTS new events (`more` says to ask again at once), so a
+    # watched page costs the same at event 50 as at event 5,000.
+    new = timeline.read_new(store, run_id, after=after)
     state = _state(fresh.run)
     body: dict[str, Any] = {
         "state": state,
         "status": fresh.run.status,
         "terminal": RunStatus(fresh.run.status).is_terminal,
-        "last_event": fresh.events[-1].id if fresh.events else after,
-        "events": render_template("runs/_events.html", events=fresh.events),
+        "last_event": new.last,
+        "more": new.more,
+        "events": render_template(
+            "runs/_events.html", run=fresh.run, groups=new.groups, **_time_context(fresh)
+        ),
     }
     if state != seen:
-        context = _page_context(_status(run_id))
+        context = _page_context(fresh, timeline.read_page(store, run_id))
         body["sections"] = {
             name: render_template(f"runs/_{name}.html", **context)
-            for name in ("summary", "actions", "plans", "steps")
+            for name in ("summary", "actions", "plans", "steps", "waterfall")
         }
     return jsonify(body)
 
@@ -248,25 +257,40 @@ def _state(run: Any) -> str:
     return present.state_key(run) + ("-no-worker" if _worker_warning(run) else "")
 
 
-def _page_context(view: RunView) -> dict[str, Any]:
+def _time_context(view: RunView) -> dict[str, Any]:
+    """What the timeline's and the waterfall's templates need to say when."""
+    start = view.run.created_at
+    return {
+        "since": lambda when: present.since(when, start),
+        "step_of": {step.id: step for step in view.steps},
+    }
+
+
+def _page_context(view: RunView, events: timeline.PageEvents) -> dict[str, Any]:
     pending = view.pending_approval
     step = _pending_step(view)
     user = _user()
+    end = view.run.finished_at or deps.service().clock()
     return {
+        **_time_context(view),
         "run": view.run,
         "steps": view.steps,
-        "events": view.events,
+        "groups": events.groups,
+        "earlier": events.earlier,
+        "waterfall": timeline.waterfall(
+            view.steps, events.step_events, start=view.run.created_at, end=end
+        ),
         "pending": pending,
         "pending_step": step,
         "pause_kind": PauseKind(pending.kind) if pending is not None else None,
         "approvers": deps.service().approvers_of(view.run),
         "can_decide": may_decide(user, view.run),
         "can_cancel": deps.service().may_cancel(Actor.of(user), view.run),
-        "plans": present.plan_history(view.events, view.steps),
-        "history": present.step_history(view.events),
+        "plans": present.plan_history(events.plans, view.steps),
+        "history": present.step_history(events.step_events),
         "state": _state(view.run),
         "worker_warning": _worker_warning(view.run),
-        "last_event": view.events[-1].id if view.events else 0,
+        "last_event": events.latest,
         "active": not RunStatus(view.run.status).is_terminal,
         "decision_form": DecisionForm(formdata=None),
         "cancel_form": CancelForm(formdata=None),

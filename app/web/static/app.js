@@ -17,6 +17,7 @@
     var state = root.getAttribute("data-state") || "";
     var pause = parseInt(root.getAttribute("data-poll"), 10) || 1000;
     var timeline = document.getElementById("timeline");
+    var frozen = /[?&]before=/.test(window.location.search);
     var failures = 0;
 
     function indicator(text) {
@@ -35,9 +36,35 @@
       });
     }
 
+    // New events come as whole iteration groups. A group of the iteration the
+    // timeline ends with replaces that group (it was sent again with its new
+    // events); any other group is appended. A page showing an earlier stretch of
+    // the timeline (?before=) keeps that stretch and updates only the sections.
+    function mergeGroups(html) {
+      if (!html.trim() || frozen) {
+        return;
+      }
+      var holder = document.createElement("template");
+      holder.innerHTML = html;
+      Array.prototype.slice.call(holder.content.children).forEach(function (group) {
+        var last = timeline.lastElementChild;
+        var iteration = group.getAttribute("data-iteration");
+        if (last && iteration !== null && last.getAttribute("data-iteration") === iteration) {
+          var open = last.querySelector("details[open]");
+          var details = group.querySelector("details");
+          if (open && details) {
+            details.open = true;
+          }
+          timeline.replaceChild(group, last);
+        } else {
+          timeline.appendChild(group);
+        }
+      });
+    }
+
     function apply(data) {
       if (data.events) {
-        timeline.insertAdjacentHTML("beforeend", data.events);
+        mergeGroups(data.events);
       }
       after = String(data.last_event);
       if (data.sections) {
@@ -46,7 +73,7 @@
       }
       root.setAttribute("data-status", data.status);
       root.setAttribute("data-after", after);
-      return !data.terminal;
+      return !data.terminal || data.more;
     }
 
     function poll() {
@@ -61,7 +88,8 @@
         .then(function (data) {
           failures = 0;
           if (apply(data)) {
-            window.setTimeout(poll, pause);
+            // More new events than one update carries: fetch the rest at once.
+            window.setTimeout(poll, data.more ? 0 : pause);
           } else {
             indicator("finished");
           }
