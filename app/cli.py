@@ -696,5 +696,70 @@ def prune(older_than: str, statuses: str | None, dry_run: bool) -> None:
     )
 
 
+# --- time travel: fork and replay (app/service/fork.py, app/replay.py) ------------------
+
+
+@main.command()
+@click.argument("run_id")
+@click.option(
+    "--from-step",
+    "from_step",
+    type=int,
+    required=True,
+    help="N, as `agentloop status` numbers the steps: the fork keeps steps 1 to N "
+    "(N must have completed) and plans what follows.",
+)
+@click.option("--instruction", default=None, help="Added to the task for the fork's planner.")
+@click.option("--follow/--no-follow", default=False, help="Print the fork's timeline as it grows.")
+@friendly_errors
+def fork(run_id: str, from_step: int, instruction: str | None, follow: bool) -> None:
+    """Start a new run from RUN_ID's history through step N. Nothing done through N
+    runs again; every later step is planned anew and asks for approval as usual."""
+    _, service = connect()
+    fork_id = service.fork_run(
+        run_id, from_step=from_step, by=_actor(service), instruction=instruction
+    )
+    click.echo(f"run {fork_id} forked from run {run_id} at step {from_step}")
+    if follow:
+        from app.demo import follow_run
+
+        raise SystemExit(follow_run(service, fork_id, ask=None, color=sys.stdout.isatty()))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the run and its iterations.")
+@friendly_errors
+def replay(run_id: str, as_json: bool) -> None:
+    """Print RUN_ID's decisions iteration by iteration, from its events: what it saw,
+    what it chose and why, the people asked and the errors. Nothing is executed."""
+    from app.replay import format_turn, turn_json, turns
+    from app.service.export import run_summary_json
+
+    _, service = connect(broker=False)
+    view = service.status(run_id)
+    lineage = service.lineage(run_id)
+    played = turns(view.events)
+    if as_json:
+        shown = {
+            "run": {
+                **run_summary_json(view.run),
+                "parent_run_id": lineage.parent_id,
+                "forked_from_step": lineage.forked_from_step,
+                "forks": [f.id for f in lineage.forks],
+            },
+            "iterations": [turn_json(t) for t in played],
+        }
+        click.echo(json.dumps(shown, indent=2))
+        return
+    click.echo(format_run_header(view.run))
+    if lineage.parent_id is not None:
+        click.echo(f"forked from run {lineage.parent_id} at step {lineage.forked_from_step}")
+    for forked in lineage.forks:
+        click.echo(f"fork: run {forked.id} from step {forked.forked_from_step}")
+    for turn in played:
+        click.echo("\n" + format_turn(turn, color=sys.stdout.isatty()))
+
+
 if __name__ == "__main__":
     main()

@@ -4,7 +4,8 @@ One class, AgentService, assembled from one part per concern, each in its own
 module: `runs` (create_run), `iteration` (advance: one iteration, and what the
 slow work in `work` and the planner's `context` need), `decisions` (approve,
 reject, resolve, cancel, expire), `queries` (read models), `healing` (the
-sweep), `retention` (prune), `export` (export, import, search). `base` holds
+sweep), `retention` (prune), `export` (export, import, search), `fork` (fork_run,
+lineage: time travel). `base` holds
 what they share: the collaborators and the one write path.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound, ServiceError
 from app.service.decisions import Decisions
 from app.service.export import Export
+from app.service.fork import Forks, Lineage
 from app.service.healing import Healing
 from app.service.iteration import Iteration
 from app.service.ports import Dispatcher, Notice, Notifier, PlannerFactory, notice_for
@@ -27,6 +29,7 @@ __all__ = [
     "Dispatcher",
     "Forbidden",
     "InvalidInput",
+    "Lineage",
     "NotFound",
     "Notice",
     "Notifier",
@@ -38,8 +41,8 @@ __all__ = [
 ]
 
 
-class AgentService(Runs, Iteration, Decisions, Queries, Healing, Retention, Export):
+class AgentService(Runs, Iteration, Decisions, Queries, Healing, Retention, Export, Forks):
     """create_run, advance, approve, reject, decide, cancel, expire_approvals,
     status, list_runs, approval, record_event, sweep, prune, search_runs, export_run,
-    import_run. Raises ServiceError's subclasses (app/errors.py) for what the caller
-    must show."""
+    import_run, fork_run, lineage. Raises ServiceError's subclasses (app/errors.py)
+    for what the caller must show."""

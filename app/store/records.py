@@ -47,6 +47,8 @@ class RunRecord(_Record):
     report: str | None
     error: str | None
     created_by: str | None
+    parent_run_id: str | None  # a fork's parent run (migration 0005)
+    forked_from_step: int | None  # and the step number it was forked from
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None

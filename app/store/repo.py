@@ -928,6 +928,70 @@ class Tx:
             select(*columns).where(ranked.c.newest <= per_step).order_by(ranked.c.id)
         )
 
+    # --- the run page's bounded reads (a page costs the same at event 50 as at 5,000) --
+
+    def events_before(self, run_id: str, before_id: int, limit: int) -> list[EventRecord]:
+        """The `limit` events just before `before_id`, oldest first."""
+        newest_first = self._events(
+            select(events)
+            .where(events.c.run_id == run_id, events.c.id < before_id)
+            .order_by(events.c.id.desc())
+            .limit(limit)
+        )
+        return list(reversed(newest_first))
+
+    def events_of_kind(self, run_id: str, kind: str, limit: int) -> list[EventRecord]:
+        """The run's last `limit` events of one kind, oldest first (its plans, say)."""
+        newest_first = self._events(
+            select(events)
+            .where(events.c.run_id == run_id, events.c.kind == kind)
+            .order_by(events.c.id.desc())
+            .limit(limit)
+        )
+        return list(reversed(newest_first))
+
+    def recent_step_events(self, run_id: str, per_step: int) -> list[EventRecord]:
+        """Each step's last `per_step` events, in the order they happened."""
+        newest = func.row_number().over(partition_by=events.c.step_id, order_by=events.c.id.desc())
+        ranked = (
+            select(events, newest.label("newest"))
+            .where(events.c.run_id == run_id, events.c.step_id.is_not(None))
+            .subquery()
+        )
+        columns = [ranked.c[column.name] for column in events.c]
+        return self._events(
+            select(*columns).where(ranked.c.newest <= per_step).order_by(ranked.c.id)
+        )
+
+    # --- lineage: forks (app/service/fork.py) ---------------------------------------
+
+    def forks_of(self, run_id: str, *, limit: int = 100) -> list[RunRecord]:
+        """The runs forked from `run_id`, oldest first."""
+        rows = self.conn.execute(
+            select(runs)
+            .where(runs.c.parent_run_id == run_id)
+            .order_by(runs.c.created_at, runs.c.id)
+            .limit(limit)
+        )
+        return [RunRecord.of(row) for row in rows]
+
+    def events_through(self, run_id: str, last_id: int) -> list[EventRecord]:
+        """The run's events up to and including `last_id`, in order."""
+        return self._events(
+            select(events)
+            .where(events.c.run_id == run_id, events.c.id <= last_id)
+            .order_by(events.c.id)
+        )
+
+    def last_event_of_step(self, run_id: str, step_id: int) -> int | None:
+        """The id of the newest event about the step; None when it has none."""
+        found = self.conn.execute(
+            select(func.max(events.c.id)).where(
+                events.c.run_id == run_id, events.c.step_id == step_id
+            )
+        ).scalar_one()
+        return None if found is None else int(found)
+
 
 def _approval(row: Row[Any] | None) -> ApprovalRecord | None:
     return None if row is None else ApprovalRecord.of(row)

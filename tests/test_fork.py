@@ -1,0 +1,300 @@
+"""Time travel (issue 11 item 8): `fork RUN --from-step N` and `replay RUN`.
+
+A fork keeps its parent's history through step N (the step numbers the run page
+and `agentloop status` show), re-executes only what follows, and asks every
+approval again; its lineage is in the database, on the page and in the API.
+Driven message by message over real PostgreSQL (only the queue boundary is
+replaced), like tests/test_service.py; one case runs through a real worker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from app.cli import main
+from app.engine.actions import PlanProduced
+from app.engine.models import PlannedStep, RunStatus, StepStatus
+from app.errors import NotFound
+from app.service import Conflict, Forbidden, InvalidInput
+from app.service.permissions import Actor
+from app.store.accounts import Role
+from tests.support.fixtures import Harness
+
+
+def plan(*planned: tuple[str, str, dict]) -> PlanProduced:
+    return PlanProduced(
+        steps=[PlannedStep(description=d, tool=t, args=a) for d, t, a in planned],
+        reasoning="scripted: " + ", ".join(d for d, _, _ in planned),
+    )
+
+
+PARENT_PLAN = (
+    ("first effect", "effect", {}),
+    ("second effect", "effect", {}),
+    ("remove the old build", "delete", {"path": "build/old"}),
+    ("third effect", "effect", {}),
+)
+
+
+def effects(harness: Harness, run_id: str) -> list[str]:
+    """What the test tools really did in the run's workspace, in order."""
+    log = harness.service.workspaces / run_id / "effects.log"
+    if not log.exists():
+        return []
+    return [line for line in log.read_text().splitlines() if not line.startswith("start")]
+
+
+def finished_parent(harness: Harness) -> str:
+    """A run of four steps whose third (delete) a person approved; completed."""
+    harness.planner.script = [plan(*PARENT_PLAN)]
+    run_id = harness.service.create_run("time travel parent", created_by="tests")
+    harness.drain()
+    assert harness.service.status(run_id).run.status == RunStatus.PAUSED
+    harness.service.approve(run_id, by="ann")
+    harness.drain()
+    assert harness.service.status(run_id).run.status == RunStatus.COMPLETED
+    return run_id
+
+
+def test_a_fork_re_executes_only_the_steps_after_n_and_asks_every_approval_again(
+    harness: Harness,
+):
+    parent = finished_parent(harness)
+    parent_effects = effects(harness, parent)
+    assert parent_effects == [
+        f"effect {parent}:v1:p1",
+        f"effect {parent}:v1:p2",
+        f"delete build/old {parent}:v1:p3",
+        f"effect {parent}:v1:p4",
+    ]
+
+    harness.planner.script = [plan(*PARENT_PLAN[2:])]
+    harness.planner.requests.clear()
+    fork = harness.service.fork_run(parent, from_step=2, by="tests")
+    harness.drain()
+
+    # The planner was asked what follows step 2, knowing steps 1 and 2 are done.
+    asked = harness.planner.requests[0]
+    assert asked.run_id == fork and asked.purpose == "verify"
+    assert [s.position for s in asked.completed] == [1, 2]
+    # The delete after step 2 waits for a person, though one approved it in the parent.
+    view = harness.service.status(fork)
+    assert view.run.status == RunStatus.PAUSED
+    assert view.pending_approval is not None
+    waiting = next(s for s in view.steps if s.id == view.pending_approval.step_id)
+    assert (waiting.position, waiting.tool) == (3, "delete")
+    assert effects(harness, fork) == []  # nothing of steps 1-2 ran again
+
+    harness.service.approve(fork, by="ann")
+    harness.drain()
+    view = harness.service.status(fork)
+    assert view.run.status == RunStatus.COMPLETED
+    assert effects(harness, fork) == [
+        f"delete build/old {fork}:v2:p3",
+        f"effect {fork}:v2:p4",
+    ]
+    assert effects(harness, parent) == parent_effects  # the parent untouched
+    calls = [e for e in view.events if e.kind == "tool_call"]
+    kept, new = calls[:2], calls[2:]
+    assert [e.message.split(":")[0] for e in kept] == ["step 1", "step 2"]  # history
+    assert [e.message.split(":")[0] for e in new] == ["step 3", "step 4"]  # executed
+    assert [(s.position, s.status) for s in view.steps] == [
+        (1, StepStatus.COMPLETED),
+        (2, StepStatus.COMPLETED),
+        (3, StepStatus.COMPLETED),
+        (4, StepStatus.COMPLETED),
+    ]
+
+
+def test_a_fork_keeps_history_and_context_as_they_were_at_step_n(harness: Harness):
+    harness.planner.script = [
+        plan(
+            ("set A", "set_env", {"name": "A", "value": "one"}),
+            ("set the token", "set_env", {"name": "DEPLOY_TOKEN", "value": "s3cret"}),
+            ("change A", "set_env", {"name": "A", "value": "two"}),
+            ("set B", "set_env", {"name": "B", "value": "bee"}),
+        )
+    ]
+    parent = harness.service.create_run("context parent", config={"budget_tokens": 10**9})
+    harness.drain()
+    parent_row = harness.service.status(parent).run
+    assert parent_row.context == {"A": "two", "DEPLOY_TOKEN": "s3cret", "B": "bee"}
+
+    fork = harness.service.fork_run(parent, from_step=2, by="tests")
+    with harness.service.store.transaction() as tx:
+        row = tx.get_run(fork)
+        kept = tx.all_steps(fork)
+    assert row.context == {"A": "one", "DEPLOY_TOKEN": "s3cret"}
+    assert (row.parent_run_id, row.forked_from_step) == (parent, 2)
+    assert row.status == RunStatus.QUEUED and row.created_by == "tests"
+    assert [(s.position, s.tool, s.status) for s in kept] == [
+        (1, "set_env", StepStatus.COMPLETED),
+        (2, "set_env", StepStatus.COMPLETED),
+    ]
+    assert all(s.idempotency_key.startswith(f"{fork}:") for s in kept)
+    assert all(s.approved_args_hash is None for s in kept)
+    # The timeline is the parent's up to step 2's outcome, then the fork's own note.
+    parent_events = harness.service.status(parent).events
+    fork_events = harness.service.status(fork).events
+    last_kept = max(i for i, e in enumerate(parent_events) if "step 2 (set_env)" in e.message)
+    copied = [(e.kind, e.message) for e in fork_events[:-1]]
+    assert copied == [(e.kind, e.message) for e in parent_events[: last_kept + 1]]
+    assert fork_events[-1].message.startswith(f"forked by tests from run {parent} at step 2")
+    assert fork_events[-1].data["context_keys"] == ["A", "DEPLOY_TOKEN"]
+    assert "s3cret" not in json.dumps([e.data for e in fork_events])
+    # The parent's timeline says where it was forked.
+    assert f"into run {fork}" in harness.service.status(parent).events[-1].message
+    # The fork is queued to plan: the message is published after the commit.
+    assert harness.dispatcher.sent[-1][:3] == (fork, 0, 0)
+
+
+def test_a_fork_counts_what_the_parent_had_spent_by_step_n(harness: Harness):
+    from tests.support.fixtures import PLANNER_USAGE
+
+    first = plan(("one", "noop", {}), ("two", "noop", {}))
+    first = first.model_copy(update={"usage": [PLANNER_USAGE]})
+    harness.planner.script = [first]
+    parent = harness.service.create_run("spending parent")
+    harness.drain()
+    harness.clock.advance(60)
+    fork = harness.service.fork_run(parent, from_step=1, by="tests")
+    with harness.service.store.transaction() as tx:
+        row = tx.get_run(fork)
+        parent_row = tx.get_run(parent)
+    assert row.tokens_total == PLANNER_USAGE.total_tokens
+    assert row.cost_usd == pytest.approx(PLANNER_USAGE.cost_usd)
+    assert 0 < row.iteration < parent_row.iteration
+    assert row.deadline > parent_row.deadline  # the timeout starts again
+
+
+def test_a_fork_is_refused_clearly(harness: Harness):
+    parent = finished_parent(harness)
+    service = harness.service
+    with pytest.raises(NotFound, match="no run with id 'nope'"):
+        service.fork_run("nope", from_step=1, by="tests")
+    for n in (0, 5, -1):
+        with pytest.raises(InvalidInput, match=f"no step {n}: its steps are numbered 1 to 4"):
+            service.fork_run(parent, from_step=n, by="tests")
+    with pytest.raises(Forbidden, match="fork runs"):
+        service.fork_run(parent, from_step=1, by=Actor(name="vic", role=Role.VIEWER))
+
+    # A step that failed, and one still waiting for approval, did not complete.
+    harness.planner.script = [plan(("flaky", "flaky", {"failures": 9}), ("after", "noop", {}))]
+    failing = service.create_run("a step that fails", config={"retry_policy": {"max_retries": 0}})
+    harness.drain()
+    assert service.status(failing).steps[0].status == StepStatus.FAILED
+    with pytest.raises(Conflict, match=r"step 1 \(flaky\) did not complete \(it is failed\)"):
+        service.fork_run(failing, from_step=1, by="tests")
+    harness.planner.script = [plan(*PARENT_PLAN)]
+    paused = service.create_run("paused at the delete")
+    harness.drain()
+    with pytest.raises(Conflict, match=r"step 3 \(delete\) did not complete \(it is pending\)"):
+        service.fork_run(paused, from_step=3, by="tests")
+    assert service.lineage(paused).forks == []
+    with pytest.raises(InvalidInput, match="instruction"):
+        service.fork_run(parent, from_step=1, by="tests", instruction="x" * 2001)
+    assert not service.lineage(parent).forks  # nothing was made
+
+
+def test_the_instruction_goes_to_the_planner_with_the_task(harness: Harness):
+    parent = finished_parent(harness)
+    harness.planner.requests.clear()
+    fork = harness.service.fork_run(
+        parent, from_step=4, by="tests", instruction="also tag the release"
+    )
+    harness.drain()
+    asked = harness.planner.requests[0]
+    assert asked.task == (
+        "time travel parent\n\nInstruction for this fork (from step 4): also tag the release"
+    )
+    assert harness.service.status(fork).run.status == RunStatus.COMPLETED
+    assert effects(harness, fork) == []  # step 4 was the last: nothing left to run
+
+
+def test_lineage_links_parent_and_forks(harness: Harness):
+    parent = finished_parent(harness)
+    a = harness.service.fork_run(parent, from_step=1, by="tests")
+    harness.clock.advance(1)  # forks are listed oldest first
+    b = harness.service.fork_run(parent, from_step=3, by="tests")
+    grandchild = harness.service.fork_run(b, from_step=2, by="tests")
+    lineage = harness.service.lineage(parent)
+    assert lineage.parent_id is None and [f.id for f in lineage.forks] == [a, b]
+    of_b = harness.service.lineage(b)
+    assert (of_b.parent_id, of_b.forked_from_step) == (parent, 3)
+    assert of_b.parent is not None and of_b.parent.id == parent
+    assert [f.id for f in of_b.forks] == [grandchild]
+
+
+def test_export_and_import_keep_a_forks_lineage(harness: Harness):
+    parent = finished_parent(harness)
+    fork = harness.service.fork_run(parent, from_step=2, by="tests")
+    document = harness.service.export_run(fork)
+    assert document["run"]["parent_run_id"] == parent
+    assert document["run"]["forked_from_step"] == 2
+    imported = harness.service.import_run(document, by="tests")
+    with harness.service.store.transaction() as tx:
+        row = tx.get_run(imported.run_id)
+    assert (row.parent_run_id, row.forked_from_step) == (parent, 2)
+
+
+# --- the CLI ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(database_url: str, redis_db: int) -> CliRunner:
+    return CliRunner()
+
+
+def test_cli_fork_and_its_refusals(cli: CliRunner, harness: Harness):
+    parent = finished_parent(harness)
+    made = cli.invoke(main, ["fork", parent, "--from-step", "2", "--instruction", "go on"])
+    assert made.exit_code == 0, made.output
+    fork = re.search(r"run (\w+) forked from run", made.output)
+    assert fork is not None
+    with harness.service.store.transaction() as tx:
+        row = tx.get_run(fork.group(1))
+    assert (row.parent_run_id, row.forked_from_step) == (parent, 2)
+    assert row.task.endswith("Instruction for this fork (from step 2): go on")
+
+    for argv, says in (
+        (["fork", parent, "--from-step", "9"], "the run has no step 9"),
+        (["fork", "missing", "--from-step", "1"], "no run with id 'missing'"),
+    ):
+        refused = cli.invoke(main, argv)
+        assert refused.exit_code == 2, refused.output
+        assert says in refused.output and "Traceback" not in refused.output
+
+
+def test_cli_replay_prints_each_iterations_decisions(cli: CliRunner, harness: Harness):
+    parent = finished_parent(harness)
+    shown = cli.invoke(main, ["replay", parent])
+    assert shown.exit_code == 0, shown.output
+    blocks = shown.output.split("\n\n")
+    planning = next(b for b in blocks if "plan v1 (initial)" in b)
+    assert "why:" in planning and "scripted: first effect, second effect" in planning
+    deploy = next(b for b in blocks if "calling delete" in b)
+    assert 'with args {"path": "build/old"}' in deploy
+    asked = next(b for b in blocks if "paused for a person" in b)
+    assert "people:" in asked
+    decided = next(b for b in blocks if "ann decided approve on step 3" in b)
+    assert "people:" in decided
+    assert any("saw:" in b and "step 4 (effect) succeeded" in b for b in blocks)
+
+    as_json = cli.invoke(main, ["replay", parent, "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    document = json.loads(as_json.output)
+    assert document["run"]["id"] == parent and document["run"]["parent_run_id"] is None
+    iterations = document["iterations"]
+    assert [i["iteration"] for i in iterations] == sorted(i["iteration"] for i in iterations)
+    chose = [line for i in iterations for line in i["chose"]]
+    assert any("calling delete" in line for line in chose)
+    assert sum(len(i["event_ids"]) for i in iterations) == len(
+        harness.service.status(parent).events
+    )
+
+    missing = cli.invoke(main, ["replay", "missing"])
+    assert missing.exit_code == 2 and "no run with id 'missing'" in missing.output
