@@ -928,41 +928,6 @@ class Tx:
             select(*columns).where(ranked.c.newest <= per_step).order_by(ranked.c.id)
         )
 
-    # --- the run page's bounded reads (a page costs the same at event 50 as at 5,000) --
-
-    def events_before(self, run_id: str, before_id: int, limit: int) -> list[EventRecord]:
-        """The `limit` events just before `before_id`, oldest first."""
-        newest_first = self._events(
-            select(events)
-            .where(events.c.run_id == run_id, events.c.id < before_id)
-            .order_by(events.c.id.desc())
-            .limit(limit)
-        )
-        return list(reversed(newest_first))
-
-    def events_of_kind(self, run_id: str, kind: str, limit: int) -> list[EventRecord]:
-        """The run's last `limit` events of one kind, oldest first (its plans, say)."""
-        newest_first = self._events(
-            select(events)
-            .where(events.c.run_id == run_id, events.c.kind == kind)
-            .order_by(events.c.id.desc())
-            .limit(limit)
-        )
-        return list(reversed(newest_first))
-
-    def recent_step_events(self, run_id: str, per_step: int) -> list[EventRecord]:
-        """Each step's last `per_step` events, in the order they happened."""
-        newest = func.row_number().over(partition_by=events.c.step_id, order_by=events.c.id.desc())
-        ranked = (
-            select(events, newest.label("newest"))
-            .where(events.c.run_id == run_id, events.c.step_id.is_not(None))
-            .subquery()
-        )
-        columns = [ranked.c[column.name] for column in events.c]
-        return self._events(
-            select(*columns).where(ranked.c.newest <= per_step).order_by(ranked.c.id)
-        )
-
     # --- lineage: forks (app/service/fork.py) ---------------------------------------
 
     def forks_of(self, run_id: str, *, limit: int = 100) -> list[RunRecord]:
