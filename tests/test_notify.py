@@ -148,7 +148,7 @@ def test_the_completion_email_and_slack_message_carry_the_report(
     mail = mailbox.to(APPROVER)[0]
     assert "completed" in mail["Subject"]
     assert "# scripted report" in body_of(mail, "plain")
-    assert "# scripted report" in body_of(mail, "html")
+    assert "<h1>scripted report</h1>" in body_of(mail, "html")  # rendered Markdown
     assert "*Run completed*" in slack.payloads[0]["text"]
     assert "# scripted report" in slack.payloads[0]["text"]
 

@@ -17,6 +17,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from app.engine.models import Step
+from app.markdown_html import markdown_html
 from app.service import ApprovalView, Notice, RunView
 
 SUBJECT_TASK_CHARS = 60
@@ -85,8 +86,9 @@ def run_mail(notice: Notice, view: RunView, links: Links) -> Mail:
     pending = view.pending_approval
     step = _step(view, pending.step_id) if pending is not None else None
     text, html = _render(
-        str(notice), run=run, report=report, pending=pending, step=step, links=links
-    )
+        str(notice), run=run, report=report, report_html=markdown_html(report),
+        pending=pending, step=step, links=links,
+    )  # fmt: skip
     headline = {
         Notice.COMPLETED: "completed",
         Notice.FAILED: "failed",

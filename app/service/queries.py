@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from app.engine import sanitize
 from app.engine.actions import NewEvent
@@ -27,10 +28,12 @@ class RunView:
 
 @dataclass(frozen=True)
 class RunPage:
-    """One page of the runs list, and how many runs match in all."""
+    """One page of the runs list, how many runs match in all, and how many of
+    each status match the other filters (the status chips' counts)."""
 
     rows: list[RunRecord]
     total: int
+    by_status: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,33 @@ class Queries(ServiceBase):
                 pending_approval=tx.pending_approval(run_id),
             )
 
-    def list_runs(self, *, status: str | None = None, limit: int = 25, offset: int = 0) -> RunPage:
-        """Newest first, optionally only runs with `status`; with the total for paging."""
+    def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        since: datetime | None = None,
+        search: str | None = None,
+        created_by: str | None = None,
+        limit: int = 25,
+        offset: int = 0,
+    ) -> RunPage:
+        """Newest first, filtered like search_runs (and by who started them); with the
+        total for paging and the count of each status."""
         with self.store.transaction() as tx:
-            return RunPage(
-                rows=tx.list_runs(status=status, limit=limit, offset=offset),
-                total=tx.count_runs(status=status),
-            )
+            rows = tx.find_runs(
+                status=status, since=since, search=search, created_by=created_by,
+                limit=limit, offset=offset,
+            )  # fmt: skip
+            by_status = tx.count_by_status(since=since, search=search, created_by=created_by)
+        total = by_status.get(status, 0) if status else sum(by_status.values())
+        return RunPage(rows=rows, total=total, by_status=by_status)
+
+    def overdue_runs(self, *, waited: float, limit: int = 20) -> list[RunRecord]:
+        """Active runs no worker holds that were due more than `waited` seconds ago,
+        longest waiting first."""
+        now = self.clock()
+        with self.store.transaction() as tx:
+            return tx.overdue_runs(before=now - timedelta(seconds=waited), now=now, limit=limit)
 
     def approval(self, approval_id: str) -> ApprovalView:
         """An approval with its run, its step and the plan around it. Raises NotFound."""

@@ -346,14 +346,6 @@ class Tx:
             raise NotFound(f"no run with id {run_id!r}")
         return RunRecord.of(row)
 
-    def list_runs(
-        self, *, status: str | None = None, limit: int = 50, offset: int = 0
-    ) -> list[RunRecord]:
-        query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id).limit(limit)
-        if status:
-            query = query.where(runs.c.status == status)
-        return [RunRecord.of(row) for row in self.conn.execute(query.offset(offset))]
-
     def count_runs(self, *, status: str | None = None) -> int:
         query = select(func.count()).select_from(runs)
         if status:
@@ -789,17 +781,48 @@ class Tx:
         status: str | None = None,
         since: datetime | None = None,
         search: str | None = None,
+        created_by: str | None = None,
         limit: int = 50,
+        offset: int = 0,
     ) -> list[RunRecord]:
         """Newest first: runs with `status`, created at or after `since`, whose task
-        contains `search` (case-insensitive, taken literally)."""
-        query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id).limit(limit)
+        contains `search` (case-insensitive, taken literally), started by `created_by`."""
+        query = (
+            select(runs)
+            .where(*_run_filters(since=since, search=search, created_by=created_by))
+            .order_by(runs.c.created_at.desc(), runs.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
         if status:
             query = query.where(runs.c.status == status)
-        if since is not None:
-            query = query.where(runs.c.created_at >= since)
-        if search:
-            query = query.where(runs.c.task.icontains(search, autoescape=True))
+        return [RunRecord.of(row) for row in self.conn.execute(query)]
+
+    def count_by_status(
+        self,
+        *,
+        since: datetime | None = None,
+        search: str | None = None,
+        created_by: str | None = None,
+    ) -> dict[str, int]:
+        """How many runs find_runs would find with each status (the other filters
+        applied), in one GROUP BY; statuses without runs are absent."""
+        query = (
+            select(runs.c.status, func.count())
+            .where(*_run_filters(since=since, search=search, created_by=created_by))
+            .group_by(runs.c.status)
+        )
+        return {str(status): int(n) for status, n in self.conn.execute(query)}
+
+    def overdue_runs(self, *, before: datetime, now: datetime, limit: int) -> list[RunRecord]:
+        """Active runs no live worker holds that were due before `before`, longest
+        waiting first (app/stall.py tells which of them mean no worker)."""
+        query = (
+            select(runs)
+            .where(*_overdue(before, now))
+            .order_by(runs.c.next_run_at.asc().nulls_first(), runs.c.id)
+            .limit(limit)
+        )
         return [RunRecord.of(row) for row in self.conn.execute(query)]
 
     def prunable_runs(
@@ -960,6 +983,20 @@ class Tx:
 
 def _approval(row: Row[Any] | None) -> ApprovalRecord | None:
     return None if row is None else ApprovalRecord.of(row)
+
+
+def _run_filters(
+    *, since: datetime | None, search: str | None, created_by: str | None
+) -> list[ColumnElement[bool]]:
+    """The runs list's and `agentloop runs`'s filters other than the status."""
+    found: list[ColumnElement[bool]] = []
+    if since is not None:
+        found.append(runs.c.created_at >= since)
+    if search:
+        found.append(runs.c.task.icontains(search, autoescape=True))
+    if created_by:
+        found.append(runs.c.created_by == created_by)
+    return found
 
 
 def _overdue(before: datetime, now: datetime) -> list[ColumnElement[bool]]:

@@ -10,6 +10,7 @@ from flask import current_app
 
 from app import tracing
 from app.config import Settings
+from app.markdown_html import markdown_html
 from app.service import AgentService
 from app.store.accounts import Accounts
 from app.web import present
@@ -76,4 +77,7 @@ def present_filters() -> dict[str, Callable[..., Any]]:
         "money": present.money,
         "stamp": present.stamp,
         "short": present.short,
+        "outcome_preview": present.outcome_preview,
+        "step_status": present.step_status,
+        "markdown": markdown_html,
     }

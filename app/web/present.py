@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from app.engine.models import Step, StepStatus
-from app.store.records import EventRecord, RunRecord
+from app.engine.models import PauseKind, Step, StepStatus
+from app.store.records import ApprovalRecord, EventRecord, RunRecord
 
 SHORT_CHARS = 90
 
@@ -50,6 +50,30 @@ def _span(delta: Any) -> str:
     if hours < 48:
         return f"{hours} h {minutes} min"
     return f"{hours // 24} days"
+
+
+def outcome_preview(run: RunRecord) -> str:
+    """One line of how a run ended, for the runs list: its error, or else the first
+    line of its report."""
+    if run.error:
+        return short(run.error)
+    first = next((line for line in (run.report or "").splitlines() if line.strip()), "")
+    return short(first.lstrip("#").strip())
+
+
+WAITING_LABELS = {
+    PauseKind.APPROVAL: "awaiting approval",
+    PauseKind.OUTCOME_UNKNOWN: "awaiting a decision",
+    PauseKind.NEEDS_HUMAN: "awaiting a person",
+}
+
+
+def step_status(step: Step, waiting: ApprovalRecord | None) -> str:
+    """A step's status as a badge says it: a step a person has yet to decide on is
+    "awaiting approval" (or a decision), not "pending" like the steps after it."""
+    if waiting is not None and waiting.status == "pending" and waiting.step_id == step.id:
+        return WAITING_LABELS.get(PauseKind(waiting.kind), str(step.status))
+    return str(step.status)
 
 
 def money(value: float | None) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 from flask import (
@@ -22,6 +24,7 @@ from app.engine.models import Decision, PauseKind, RunStatus
 from app.errors import NotFound
 from app.service import Conflict, Forbidden, InvalidInput, RunView
 from app.service.permissions import Actor
+from app.service.retention import parse_since
 from app.store.accounts import User
 from app.web import deps, present
 from app.web.auth import current_user, login_required
@@ -34,6 +37,8 @@ STATUSES = [s.value for s in RunStatus]
 MAX_PAGE = 1_000_000
 # Event ids are 64-bit integers in the database.
 MAX_EVENT_ID = 2**63 - 1
+# The live runs list re-renders at least this often, so ages and durations move.
+LIST_AGE_SECONDS = 10
 
 
 def _int_arg(name: str, *, default: int, low: int, high: int) -> int:
@@ -52,28 +57,115 @@ def _int_arg(name: str, *, default: int, low: int, high: int) -> int:
     return int(raw)
 
 
+@dataclass(frozen=True)
+class ListFilters:
+    """The runs list's filters as the person typed them (the page's query string)."""
+
+    status: str | None = None
+    search: str = ""
+    created_by: str = ""
+    since: str = ""
+
+    def args(self, **more: Any) -> dict[str, Any]:
+        """Query arguments for a link that keeps these filters (empty ones left out)."""
+        given = {"status": self.status, "q": self.search, "by": self.created_by}
+        given |= {"since": self.since, **more}
+        return {name: value for name, value in given.items() if value}
+
+
+def _one_arg(name: str, *, limit: int = 200) -> str:
+    """A query parameter given at most once, stripped; 400 when repeated or too long."""
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        abort(400, f"{name} is given {len(values)} times; give it once")
+    value = (values[0] if values else "").strip()
+    if len(value) > limit:
+        abort(400, f"{name} is longer than {limit} characters")
+    return value
+
+
+def _list_filters() -> ListFilters:
+    status = _one_arg("status") or None
+    if status is not None and status not in STATUSES:
+        abort(400, f"unknown status {status[:40]!r}; one of {', '.join(STATUSES)}")
+    return ListFilters(
+        status=status, search=_one_arg("q"), created_by=_one_arg("by"), since=_one_arg("since")
+    )
+
+
+def _list_context() -> dict[str, Any]:
+    """Everything the runs list shows: one page of runs under the filters, the
+    status counts, and whether a run waits for a worker that never comes."""
+    filters = _list_filters()
+    service = deps.service()
+    since_error = None
+    since = None
+    if filters.since:
+        try:
+            since = parse_since(filters.since, service.clock())
+        except InvalidInput as exc:
+            since_error = str(exc)
+    per_page = int(current_app.config["RUNS_PER_PAGE"])
+    page_no = _int_arg("page", default=1, low=1, high=MAX_PAGE)
+    page = service.list_runs(
+        status=filters.status, since=since, search=filters.search or None,
+        created_by=filters.created_by or None, limit=per_page, offset=(page_no - 1) * per_page,
+    )  # fmt: skip
+    stalled = _stalled_run()
+    context = {
+        "runs": page.rows,
+        "total": page.total,
+        "by_status": page.by_status,
+        "filters": filters,
+        "since_error": since_error,
+        "statuses": STATUSES,
+        "page": page_no,
+        "pages": max(1, -(-page.total // per_page)),
+        "stalled": stalled,
+    }
+    context["list_state"] = _list_state(context)
+    return context
+
+
+def _stalled_run() -> tuple[Any, str] | None:
+    """The run that has waited longest for a worker, with the warning (app/stall.py),
+    when one has waited too long; None while workers keep up."""
+    interval = deps.settings().sweep_interval
+    service = deps.service()
+    for run in service.overdue_runs(waited=stall.stall_after(interval)):
+        warning = stall.warning(run, service.clock(), interval)
+        if warning:
+            return run, warning
+    return None
+
+
+def _list_state(context: dict[str, Any]) -> str:
+    """Changes when a row, a count or the warning does, and every LIST_AGE_SECONDS
+    (so ages and running durations stay current): the live list re-renders then."""
+    seen = [present.state_key(run) for run in context["runs"]]
+    seen += [str(sorted(context["by_status"].items())), str(context["stalled"] is not None)]
+    seen.append(str(int(deps.service().clock().timestamp() // LIST_AGE_SECONDS)))
+    return hashlib.sha256("|".join(seen).encode()).hexdigest()[:16]
+
+
 @bp.get("/")
 @login_required
 def index() -> ResponseReturnValue:
-    statuses = request.args.getlist("status")
-    if len(statuses) > 1:
-        abort(400, "status is given more than once; give it once")
-    status = (statuses[0] if statuses else "") or None
-    if status is not None and status not in STATUSES:
-        abort(400, f"unknown status {status[:40]!r}; one of {', '.join(STATUSES)}")
-    per_page = int(current_app.config["RUNS_PER_PAGE"])
-    page_no = _int_arg("page", default=1, low=1, high=MAX_PAGE)
-    page = deps.service().list_runs(status=status, limit=per_page, offset=(page_no - 1) * per_page)
-    pages = max(1, -(-page.total // per_page))
-    return render_template(
-        "runs/list.html",
-        runs=page.rows,
-        total=page.total,
-        status=status,
-        statuses=STATUSES,
-        page=page_no,
-        pages=pages,
-    )
+    context = _list_context()
+    status = 400 if context["since_error"] else 200
+    return render_template("runs/list.html", **context), status
+
+
+@bp.get("/runs/list/live")
+@login_required
+def index_live() -> ResponseReturnValue:
+    """The runs list again (as HTML rendered by the server) when it changed since
+    `state`; only the new state otherwise."""
+    context = _list_context()
+    body: dict[str, Any] = {"state": context["list_state"]}
+    if context["list_state"] != request.args.get("state", ""):
+        body["html"] = render_template("runs/_list.html", **context)
+    return jsonify(body)
 
 
 @bp.route("/runs/new", methods=["GET", "POST"])

@@ -111,3 +111,58 @@
     }
   });
 })();
+
+// The runs list: re-rendered by the server when a run, a count or the no-worker
+// warning changed (and now and then, so ages move). Without JavaScript the page
+// is the same list, as of its loading.
+(function () {
+  "use strict";
+
+  function followList(root) {
+    var url = root.getAttribute("data-live-url");
+    var state = root.getAttribute("data-state") || "";
+    var pause = parseInt(root.getAttribute("data-poll"), 10) || 3000;
+    var section = document.getElementById("runs-section");
+    var live = document.getElementById("list-live");
+    var failures = 0;
+    var separator = url.indexOf("?") === -1 ? "?" : "&";
+
+    function poll() {
+      fetch(url + separator + "state=" + encodeURIComponent(state), {
+        headers: { Accept: "application/json" },
+        credentials: "same-origin"
+      })
+        .then(function (response) {
+          if (!response.ok) {
+            throw new Error("HTTP " + response.status);
+          }
+          return response.json();
+        })
+        .then(function (data) {
+          failures = 0;
+          live.textContent = "live";
+          if (data.html !== undefined) {
+            section.innerHTML = data.html;
+          }
+          state = data.state;
+          root.setAttribute("data-state", state);
+          window.setTimeout(poll, pause);
+        })
+        .catch(function () {
+          failures += 1;
+          live.textContent = "reconnecting…";
+          window.setTimeout(poll, Math.min(60000, pause * Math.pow(2, failures)));
+        });
+    }
+
+    live.hidden = false;
+    window.setTimeout(poll, pause);
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var root = document.getElementById("runs-list");
+    if (root) {
+      followList(root);
+    }
+  });
+})();
