@@ -120,7 +120,7 @@ def test_a_person_runs_the_deploy_scenario_in_a_browser(
         approvals += 1
     assert page.evaluate("window.__notReloaded") is True
     assert approvals == 2
-    page.wait_for_selector("#summary pre.report")
+    page.wait_for_selector("#summary .report.markdown")  # rendered, not a <pre>
     assert "PR #42" in page.inner_text("#summary")
     assert page.locator("#timeline li[data-kind=retry]").count() >= 1
     assert page.locator("#plans article.plan").count() >= 2  # re-planned around the env var
