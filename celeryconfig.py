@@ -7,36 +7,15 @@ only a nudge to look at the database.
 """
 
 from app.config import load_settings
+from app.queues import celery_broker_settings
 
 _settings = load_settings()
 
-broker_url = _settings.resolved_broker_url
 broker_connection_retry_on_startup = True
-# Redis redelivers an unacknowledged message after visibility_timeout: every
-# countdown (capped by max_countdown) and every step stays well under it.
-broker_transport_options: dict[str, object] = {
-    "visibility_timeout": _settings.broker_visibility_timeout,
-}
-if _settings.uses_filesystem_broker:
-    # Messages appear whole or not at all (app/broker.py): kombu's own filesystem
-    # channel lets a consumer read a file it is still writing.
-    from app.broker import use_atomic_filesystem_transport
+# The broker URL, the queues (tools, planner, notify) and what the broker needs:
+# Redis, RabbitMQ or the embedded filesystem broker (app/queues.py).
+globals().update(celery_broker_settings(_settings))
 
-    use_atomic_filesystem_transport()
-    # The embedded broker is a pair of folders; kombu expects them to exist.
-    _settings.broker_dir.mkdir(parents=True, exist_ok=True)
-    _folder = str(_settings.broker_dir)
-    broker_transport_options.update(
-        data_folder_in=_folder,
-        data_folder_out=_folder,
-        processed_folder=_folder + "-processed",
-        # Exchange bindings; kombu's default is ./control in the working directory.
-        control_folder=_folder + "-control",
-        store_processed=False,
-        polling_interval=_settings.filesystem_polling_interval,
-    )
-
-task_default_queue = _settings.queue
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1

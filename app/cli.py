@@ -227,12 +227,29 @@ def cancel(run_id: str) -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--beat/--no-beat", default=False, help="Also run the sweep schedule (beat).")
+@click.option(
+    "--queues",
+    default="tools,planner,notify",
+    show_default=True,
+    help="What this worker does: tools (prefork), planner (threads), notify; comma-separated.",
+)
 @click.pass_context
 @friendly_errors
-def worker(ctx: click.Context, beat: bool) -> None:
-    """Start a Celery worker (extra arguments go to `celery worker`)."""
+def worker(ctx: click.Context, beat: bool, queues: str) -> None:
+    """Start a Celery worker (extra arguments go to `celery worker`). A worker of the
+    planner alone runs a thread pool (planner calls wait on the network); give
+    --pool and --concurrency to choose otherwise."""
+    from app.queues import Queues
+
     settings, _ = connect()
+    names = Queues.of(settings).by_name
+    chosen = [q.strip() for q in queues.split(",") if q.strip()]
+    if unknown := [q for q in chosen if q not in names]:
+        raise click.UsageError(f"unknown queue(s) {', '.join(unknown)}: use {', '.join(names)}")
     argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]
+    argv.append("--queues=" + ",".join(names[q] for q in chosen))
+    if "tools" not in chosen and not any(a.startswith(("--pool", "-P")) for a in ctx.args):
+        argv += ["--pool=threads", "--concurrency=50"]
     if beat:
         schedule = settings.data_dir.resolve() / "celerybeat-schedule"
         argv += ["--beat", f"--schedule={schedule}"]
@@ -244,12 +261,14 @@ def worker(ctx: click.Context, beat: bool) -> None:
     "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for replies."
 )
 def health(timeout: float) -> None:
-    """For a supervisor: exit 0 when a worker answers and consumes this deployment's
-    queue; otherwise exit 1 with one line saying what is wrong."""
+    """For a supervisor: exit 0 when workers answer and consume this deployment's
+    queues (tools, planner, notify); otherwise exit 1 with one line saying what is wrong."""
+    from app.queues import Queues
+
     try:
         settings = load_settings()
         check_broker(settings)
-        problem = _no_consumer(settings.queue, timeout)
+        problem = _no_consumer(list(Queues.of(settings).by_name.values()), timeout)
     except (ConfigError, BrokerUnavailable) as exc:
         problem = str(exc.args[0] if exc.args else exc)
     if problem:
@@ -257,20 +276,22 @@ def health(timeout: float) -> None:
         raise SystemExit(1)
 
 
-def _no_consumer(queue: str, timeout: float) -> str | None:
-    """None when some worker, asked over the broker, says it consumes `queue`."""
+def _no_consumer(wanted: list[str], timeout: float) -> str | None:
+    """None when, for each of the `wanted` queues, some worker asked over the broker
+    says it consumes it."""
     from tasks import celery_app
 
     replies = celery_app.control.inspect(timeout=timeout).active_queues() or {}
-    consumers = sorted(
-        name for name, queues in replies.items() if any(q.get("name") == queue for q in queues)
-    )
-    if consumers:
-        click.echo(f"ok: {', '.join(consumers)} consume{'s' * (len(consumers) == 1)} {queue}")
-        return None
-    if replies:
-        return f"no worker consumes the queue {queue} ({len(replies)} answered, for other queues)"
-    return f"no worker answered within {timeout:g} s: start one with `agentloop worker`"
+    if not replies:
+        return f"no worker answered within {timeout:g} s: start one with `agentloop worker`"
+    consumed = {q.get("name") for queues in replies.values() for q in queues}
+    if missing := [queue for queue in wanted if queue not in consumed]:
+        return (
+            f"no worker consumes the queue(s) {', '.join(missing)} "
+            f"({len(replies)} answered, for other queues)"
+        )
+    click.echo(f"ok: {', '.join(sorted(replies))} consume {', '.join(wanted)}")
+    return None
 
 
 @main.group()

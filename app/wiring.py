@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from app import notify
 from app.config import Settings
 from app.planner.factory import PlannerFactory, default_planner_kind
-from app.service import AgentService, Dispatcher, Notifier
+from app.service import AgentService, Dispatcher, Notice, Notifier
 from app.service.permissions import ApprovalPolicy
 from app.store.repo import DatabaseClock, Store, make_engine
 from app.tools.registry import ToolRegistry, load_registry
@@ -38,8 +39,17 @@ def build_registry(settings: Settings) -> ToolRegistry:
     return tools
 
 
+class NoNotices:
+    """The notifier when no channel is configured: a notice nobody can receive costs
+    nothing, not even a message (a burst of pauses would otherwise queue thousands)."""
+
+    def notify(self, notice: Notice, run_id: str) -> None:
+        return None
+
+
 def build_service(settings: Settings, dispatcher: Dispatcher, notifier: Notifier) -> AgentService:
-    """An AgentService wired to the database, tools and planners named in `settings`.
+    """An AgentService wired to the database, tools and planners named in `settings`;
+    notices go to `notifier` only when a channel (email, Slack) is configured.
 
     Raises ValueError when a configured tool module cannot be loaded.
     """
@@ -51,7 +61,7 @@ def build_service(settings: Settings, dispatcher: Dispatcher, notifier: Notifier
         store=store,
         tools=tools,
         dispatcher=dispatcher,
-        notifier=notifier,
+        notifier=notifier if notify.configured(settings) else NoNotices(),
         planners=PlannerFactory(settings),
         default_planner=default_planner_kind(settings),
         workspaces=settings.workspaces,

@@ -22,6 +22,9 @@ from celery.signals import (
 from sqlalchemy.exc import OperationalError
 
 from app import logs
+from app.config import load_settings
+from app.engine.routing import WorkKind
+from app.queues import Queues, countdown
 from app.service import AgentService, Notice
 
 log = logging.getLogger(__name__)
@@ -32,20 +35,26 @@ logs.quiet_noise()  # kombu's "No hostname was supplied" on every publish to the
 
 
 class CeleryDispatcher:
-    """Publishes iterations; long waits are capped here and kept in next_run_at."""
+    """Publishes iterations on the queue of their kind of work (app/queues.py); long
+    waits are capped here and kept in next_run_at."""
 
     def __init__(self, max_countdown: float) -> None:
-        self.max_countdown = max_countdown
+        self.settings = load_settings().model_copy(update={"max_countdown": max_countdown})
+        self.queues = Queues.of(self.settings)
 
-    def enqueue(self, run_id: str, tick: int, delay: float) -> None:
-        countdown = min(delay, self.max_countdown) if delay > 0 else None
-        # Flower and the worker log show this name instead of agentloop.advance.
+    def enqueue(self, run_id: str, tick: int, delay: float, kind: WorkKind) -> None:
+        # Flower and the worker log show the shadow name instead of agentloop.advance.
         advance.apply_async(
-            args=(run_id, tick), countdown=countdown, shadow=advance_label(run_id, tick)
+            args=(run_id, tick),
+            kwargs={"kind": str(kind)},
+            queue=self.queues.for_work(kind),
+            countdown=countdown(self.settings, delay),
+            shadow=advance_label(run_id, tick),
         )
 
     def queue_depth(self) -> int | None:
-        return queue_depth(celery_app, celery_app.conf.task_default_queue)
+        depths = [queue_depth(celery_app, queue) for queue in self.queues.iterations]
+        return None if None in depths else sum(d for d in depths if d is not None)
 
 
 def advance_label(run_id: str, tick: int) -> str:
@@ -69,7 +78,9 @@ def queue_depth(app: Celery, queue: str) -> int | None:
 
 
 class CeleryNotifier:
-    """Hands notices to the `agentloop.notify` task, which retries with countdowns."""
+    """Hands notices to the `agentloop.notify` task on the notify queue (celeryconfig's
+    task_routes), which retries with countdowns. Built only when a channel is
+    configured (app/wiring.py): otherwise a notice costs no message at all."""
 
     def notify(self, notice: Notice, run_id: str) -> None:
         notify.apply_async(args=(str(notice), run_id))
@@ -122,7 +133,6 @@ def flush_traces(**_: object) -> None:
 @cache
 def service() -> AgentService:
     """Built on first use in each worker process; importing this module connects to nothing."""
-    from app.config import load_settings
     from app.wiring import build_service
 
     settings = load_settings()
@@ -138,15 +148,21 @@ def service() -> AgentService:
     retry_backoff_max=60,
     max_retries=10,
 )
-def advance(run_id: str, tick: int) -> None:
-    """One iteration. If the database is away before the claim, Celery delivers this
-    message again with backoff; the service records any other failure itself."""
-    service().advance(run_id, tick)
+def advance(run_id: str, tick: int, kind: str | None = None) -> None:
+    """One iteration. `kind`: the work the queue it came on is for (plan, tool); a
+    message without one (published before queues were split) is done where it lands.
+    If the database is away before the claim, Celery delivers this message again with
+    backoff; the service records any other failure itself."""
+    service().advance(run_id, tick, kind=WorkKind(kind) if kind else None)
 
 
 @celery_app.task(name="agentloop.sweep", acks_late=True)
 def sweep() -> int:
     return service().sweep()
+
+
+def notify_queue() -> str:
+    return Queues.of(load_settings()).notify
 
 
 @celery_app.task(name="agentloop.notify", bind=True, acks_late=True, max_retries=8)
@@ -158,7 +174,9 @@ def notify(self: Task, notice: str, run_id: str) -> None:
     try:
         deliver(service(), Notice(notice), run_id, attempt=self.request.retries + 1)
     except DeliveryFailed as exc:
-        raise self.retry(countdown=min(300, 2 ** (self.request.retries + 1))) from exc
+        raise self.retry(
+            countdown=min(300, 2 ** (self.request.retries + 1)), queue=notify_queue()
+        ) from exc
 
 
 @celery_app.task(name="agentloop.prune", acks_late=True)
@@ -179,7 +197,5 @@ def prune() -> int:
 @celery_app.task(name="agentloop.expire_approvals", acks_late=True)
 def expire_approvals() -> int:
     """Beat: settle approvals nobody decided in time, as configured (reject or fail)."""
-    from app.config import load_settings
-
     settings = load_settings()
     return service().expire_approvals(ttl=settings.approval_ttl, policy=settings.approval_expiry)

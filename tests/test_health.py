@@ -127,12 +127,13 @@ def test_health_fails_when_the_broker_is_away(redis_db) -> None:
 
 
 def test_flower_sees_the_run_and_tick_an_iteration_advances(redis_db) -> None:
+    from app.engine.routing import WorkKind
     from tasks import CeleryDispatcher
 
     client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
     drop_queue(client)
     try:
-        CeleryDispatcher(max_countdown=60).enqueue("run-abc", 7, 0)
+        CeleryDispatcher(max_countdown=60).enqueue("run-abc", 7, 0, WorkKind.TOOL)
         (raw,) = client.lrange(QUEUE, 0, -1)
         message = json.loads(raw)
         assert message["headers"]["task"] == "agentloop.advance"

@@ -133,7 +133,7 @@ class Broker:
     refuse: int = 0
     kill: bool = False
 
-    def enqueue(self, run_id: str, tick: int, delay: float) -> None:
+    def enqueue(self, run_id: str, tick: int, delay: float, kind: object = None) -> None:
         if self.kill:
             self.kill = False
             raise WorkerKilled("killed between the commit and the publish")

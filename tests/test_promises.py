@@ -18,6 +18,7 @@ from sqlalchemy import func, select, text, update
 
 from app.engine.actions import LlmUsage, PlanProduced
 from app.engine.models import PlannedStep, RunStatus, StepStatus, ToolPolicy
+from app.engine.routing import WorkKind
 from app.errors import NotFound
 from app.service import Conflict, InvalidInput
 from app.store.repo import DatabaseClock, Store, make_engine
@@ -44,11 +45,11 @@ class BrokenBroker(RecordingDispatcher):
         super().__init__()
         self.failures = failures
 
-    def enqueue(self, run_id: str, tick: int, delay: float) -> None:
+    def enqueue(self, run_id: str, tick: int, delay: float, kind: WorkKind) -> None:
         if self.failures > 0:
             self.failures -= 1
             raise BrokerError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-        super().enqueue(run_id, tick, delay)
+        super().enqueue(run_id, tick, delay, kind)
 
 
 # --- 2. after a commit, nothing fails the run --------------------------------------------

@@ -34,7 +34,7 @@ from app.service import AgentService, Notice, RunView
 from app.store.accounts import Accounts
 from app.store.records import ApprovalRecord
 
-__all__ = ["DeliveryFailed", "approval_link", "deliver"]
+__all__ = ["DeliveryFailed", "approval_link", "configured", "deliver"]
 
 # What a channel raises when it cannot deliver: retried. Anything else is a bug.
 DELIVERY_ERRORS = (OSError, smtplib.SMTPException, SlackRefused)
@@ -56,8 +56,8 @@ def deliver(service: AgentService, notice: Notice, run_id: str, *, attempt: int)
     """Send `notice` about the run on every configured channel. Raises DeliveryFailed
     (after recording an error event) when a channel could not deliver."""
     settings = load_settings()
-    if not (settings.smtp_host or settings.slack_webhook_url):
-        return
+    if not configured(settings):
+        return  # sent before the channels were switched off
     view = service.status(run_id)
     accounts = Accounts(service.store.engine)
     failures: list[str] = []
@@ -84,6 +84,12 @@ def deliver(service: AgentService, notice: Notice, run_id: str, *, attempt: int)
     if failures:
         _record_failure(service, run_id, notice, failures, attempt=attempt)
         raise DeliveryFailed(f"{notice} for run {run_id}: " + "; ".join(failures))
+
+
+def configured(settings: Settings) -> bool:
+    """Whether any channel (email, Slack) can deliver a notice; without one, no notice
+    is published at all (app/wiring.py)."""
+    return bool(settings.smtp_host or settings.slack_webhook_url)
 
 
 def _sent(service: AgentService, run_id: str) -> set[str]:

@@ -19,10 +19,11 @@ from app.engine import sanitize
 from app.engine.actions import NewEvent, Transition
 from app.engine.models import EventKind, RunSnapshot
 from app.engine.redact import redact, secret_values
+from app.engine.routing import WorkKind, next_work
 from app.errors import NotFound
 from app.service.inputs import MAX_RUN_ID_CHARS
 from app.service.permissions import ApprovalPolicy
-from app.service.ports import Dispatcher, Notifier, PlannerFactory, notice_for
+from app.service.ports import Dispatcher, Notice, Notifier, PlannerFactory, notice_for
 from app.store.repo import Guard, Store, Tx
 from app.tools.registry import ToolRegistry
 
@@ -78,16 +79,25 @@ class ServiceBase:
         Never raises: the commit stands, and a run whose message is lost is found by
         the sweep."""
         if transition.delay is not None:
-            self._publish(run_id, tick, transition.delay)
+            self._publish(run_id, tick, transition.delay, next_work(transition))
         if notice := notice_for(transition):
-            try:
-                self.notifier.notify(notice, run_id)
-            except Exception:
-                log.exception("could not hand over the %s notice for run %s", notice, run_id)
+            self._tell(notice, run_id)
 
-    def _publish(self, run_id: str, tick: int, delay: float) -> None:
+    def _tell(self, notice: Notice, run_id: str) -> None:
+        """Hand a notice over after the commit that caused it; never raises."""
         try:
-            self.dispatcher.enqueue(run_id, tick, delay)
+            self.notifier.notify(notice, run_id)
+        except Exception:
+            log.exception("could not hand over the %s notice for run %s", notice, run_id)
+
+    def _publish(
+        self, run_id: str, tick: int, delay: float, kind: WorkKind = WorkKind.PLAN
+    ) -> None:
+        """Publish the next iteration for `kind` of work; when it is not known (the
+        sweep, a forked run), the planner's queue: it has threads to spare, and a worker
+        there forwards a tool iteration to the tools' queue at once."""
+        try:
+            self.dispatcher.enqueue(run_id, tick, delay, kind)
         except Exception:
             log.exception("could not publish the next iteration of run %s; the sweep will", run_id)
 

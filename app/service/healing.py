@@ -32,7 +32,7 @@ class Healing(ServiceBase):
         with self.store.transaction() as tx:
             due = tx.claim_nudges(before=overdue, renudge_before=renudge_before, now=now)
         for row in due:
-            self._publish(row.id, row.tick, 0)
+            self._publish(row.id, row.tick, 0)  # which work is next is not known here
         metrics.sweep_republished(len(due))
         if due:
             log.info("sweep nudged %d run(s)", len(due))

@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from app import logs, metrics, tracing
 from app.engine import sanitize
 from app.engine.actions import (
+    Action,
     AwaitHuman,
     Execute,
     Fail,
@@ -29,6 +30,7 @@ from app.engine.actions import (
 from app.engine.apply import apply_transition
 from app.engine.machine import begin_step, decide, fail, fold_plan, fold_step, pause
 from app.engine.models import ACTIVE_STATUSES, EventKind, JSONDict, RunSnapshot
+from app.engine.routing import WorkKind, work_of
 from app.planner.base import PlanRequest
 from app.service.base import error_event
 from app.service.context import Context
@@ -65,8 +67,10 @@ class SlowWork:
 class Iteration(Context, Work):
     @tracing.iteration_span
     @logs.in_iteration  # the run id, iteration, step and tool on every log line
-    def advance(self, run_id: str, tick: int) -> None:
-        """Advance a run by one iteration, if this message is still current.
+    def advance(self, run_id: str, tick: int, *, kind: WorkKind | None = None) -> None:
+        """Advance a run by one iteration, if this message is still current. `kind`: the
+        work the queue this message came from is for; a message that finds the other
+        kind due is forwarded to that kind's queue, unclaimed (None: do it here).
 
         Raises the database's OperationalError when it cannot be reached before the
         claim (nothing was written: the message may simply be delivered again). Any
@@ -79,7 +83,7 @@ class Iteration(Context, Work):
         if stored is None:
             log.warning("advance: run %s does not exist", run_id)
             return
-        if not self._claimable(stored.row, tick, now):
+        if not self._claimable(stored.row, tick, now, kind):
             return
         run = stored.as_claimed()
         # Until the claim commits, the run may be written only if it is still as read.
@@ -88,6 +92,8 @@ class Iteration(Context, Work):
             action = decide(run, now=now, tools=self.tools.policies())
             logs.bind_action(run, action)
             tracing.decided(run, action)
+            if self._forwarded(run_id, tick, action, kind):
+                return
             claimed = self._claim(stored.row, run, action, now)
             if claimed is None:
                 return  # another worker claimed the run first, or it changed since read
@@ -111,7 +117,17 @@ class Iteration(Context, Work):
             self._fail_internal(run, guard, exc)
             raise
 
-    def _claimable(self, row: Row[Any], tick: int, now: datetime) -> bool:
+    def _forwarded(self, run_id: str, tick: int, action: Action, kind: WorkKind | None) -> bool:
+        """Publish this message again on the queue for the work `action` does when it
+        came on the other one (the publisher guessed wrong, or could not know: the
+        sweep); the run is left as it is, still due, for a worker of that kind."""
+        needed = work_of(action)
+        if kind is None or needed is None or needed is kind:
+            return False
+        self._publish(run_id, tick, 0, needed)
+        return True
+
+    def _claimable(self, row: Row[Any], tick: int, now: datetime, kind: WorkKind | None) -> bool:
         """Whether this message may claim the run (the claim itself checks again). Not a
         stale or duplicate one, nor one for a run leased to a live worker; an early one,
         early because the broker countdown is capped, is published again for the rest."""
@@ -121,7 +137,8 @@ class Iteration(Context, Work):
             return False
         if row.next_run_at is not None and row.next_run_at > now:
             if row.lease_owner is None:
-                self._publish(row.id, tick, (row.next_run_at - now).total_seconds())
+                rest = (row.next_run_at - now).total_seconds()
+                self._publish(row.id, tick, rest, kind or WorkKind.TOOL)
             return False
         return True
 

@@ -10,6 +10,7 @@ from typing import Protocol
 
 from app.engine.actions import Transition
 from app.engine.models import PauseKind, RunStatus
+from app.engine.routing import WorkKind
 from app.planner.base import Planner
 
 log = logging.getLogger(__name__)
@@ -19,12 +20,14 @@ PlannerFactory = Callable[[str], Planner]
 
 
 class Dispatcher(Protocol):
-    """Publishes 'advance run R at tick T in D seconds'. Called only after commit."""
+    """Publishes 'advance run R at tick T in D seconds' on the queue for `kind` of work
+    (a guess: the worker forwards a message that guessed wrong). Called only after
+    commit."""
 
-    def enqueue(self, run_id: str, tick: int, delay: float) -> None: ...
+    def enqueue(self, run_id: str, tick: int, delay: float, kind: WorkKind) -> None: ...
 
     def queue_depth(self) -> int | None:
-        """How many messages wait in the queue now; None if the broker cannot say."""
+        """How many iterations wait in the queues now; None if the broker cannot say."""
         ...
 
 

@@ -161,10 +161,10 @@ def _install_publish_fault() -> None:
     if getattr(original, "_chaos", False):
         return
 
-    def enqueue(self: object, run_id: str, tick: int, delay: float) -> None:
+    def enqueue(self: object, run_id: str, tick: int, delay: float, kind: object) -> None:
         if fire("kill-at-publish", run_id):
             die()
-        original(self, run_id, tick, delay)  # type: ignore[arg-type]
+        original(self, run_id, tick, delay, kind)  # type: ignore[arg-type]
 
     enqueue._chaos = True  # type: ignore[attr-defined]
     dispatcher.enqueue = enqueue  # type: ignore[method-assign]

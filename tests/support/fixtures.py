@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, text
 from app.config import load_settings
 from app.engine.actions import LlmUsage, PlanFinished, PlanOutcome, PlanProduced
 from app.engine.models import PlannedStep
+from app.engine.routing import WorkKind
 from app.planner.base import PlanCheck, PlanRequest
 from app.service import AgentService, Notice
 from app.store.migrate import upgrade
@@ -96,10 +97,11 @@ def redis_db() -> Iterator[int]:
 
 
 def drop_queue(client: Any) -> None:
-    """Delete the session's queue (and its priority lists): what a broker loses."""
-    client.delete(QUEUE)
-    for key in client.scan_iter(f"{QUEUE}\x06\x16*"):  # kombu's priority lists
-        client.delete(key)
+    """Delete the session's queues (and their priority lists): what a broker loses."""
+    for queue in (QUEUE, f"{QUEUE}.plan", f"{QUEUE}.notify"):
+        client.delete(queue)
+        for key in client.scan_iter(f"{queue}\x06\x16*"):  # kombu's priority lists
+            client.delete(key)
 
 
 @pytest.fixture(scope="session")
@@ -114,12 +116,15 @@ def store(database_url: str) -> Iterator[Store]:
 
 @dataclass
 class RecordingDispatcher:
-    """The queue boundary for in-process tests: records what would be published."""
+    """The queue boundary for in-process tests: records what would be published (and,
+    beside it, the kind of work each message was published for)."""
 
     sent: list[tuple[str, int, float]] = field(default_factory=list)
+    kinds: dict[tuple[str, int], WorkKind] = field(default_factory=dict)
 
-    def enqueue(self, run_id: str, tick: int, delay: float) -> None:
+    def enqueue(self, run_id: str, tick: int, delay: float, kind: WorkKind) -> None:
         self.sent.append((run_id, tick, delay))
+        self.kinds[(run_id, tick)] = kind
 
     def pop(self) -> tuple[str, int, float]:
         return self.sent.pop(0)
@@ -289,13 +294,24 @@ def start_worker(
     client.close()
     started: list[Worker] = []
 
-    def start(*, beat: bool = True, env: dict[str, str] | None = None, name: str = "w") -> Worker:
+    def start(
+        *,
+        beat: bool = True,
+        env: dict[str, str] | None = None,
+        name: str = "w",
+        queues: str | None = None,
+        pool: str = "prefork",
+        concurrency: int = 1,
+    ) -> Worker:
+        """`queues`: comma-separated queue names (default: all the session's)."""
         log = tmp_path / f"worker-{name}-{len(started)}.log"
         argv = [
             sys.executable, "-m", "celery", "-A", "tasks", "worker",
-            "--pool=prefork", "--concurrency=1", "--loglevel=INFO",
+            f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=INFO",
             "--without-gossip", "--without-mingle", f"--hostname={name}{len(started)}@%h",
         ]  # fmt: skip
+        if queues is not None:
+            argv.append(f"--queues={queues}")
         if beat:
             argv += ["--beat", f"--schedule={tmp_path / f'beat-{len(started)}'}"]
         with log.open("wb") as out:

@@ -1,0 +1,169 @@
+"""Queues by kind of work (issue 13, items 2 and 3): planner iterations, tool
+iterations and notices each on a queue of their own; no notice at all when no
+channel could deliver it.
+
+In process: which queue each publish picks, and the forwarding of a message that
+landed on the wrong one. Through real workers over Redis: paused runs leave no
+notice message behind unless a channel is configured, and tool steps keep flowing
+while fifty planner calls wait on the network.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis
+
+from app.engine.models import RunStatus
+from app.engine.routing import WorkKind
+from app.service import AgentService
+from tests.conftest import QUEUE, REDIS_DB
+from tests.fake_anthropic import FakeAnthropic, finish_reply, plan_reply, slow
+from tests.support.fixtures import Harness, noop_then_flaky, wait_until
+
+PLAN_QUEUE = f"{QUEUE}.plan"
+NOTIFY_QUEUE = f"{QUEUE}.notify"
+
+
+# --- in process: the publisher's guess, the consumer's forwarding ---------------------
+
+
+def kind_of_last(harness: Harness, run_id: str) -> WorkKind:
+    tick = harness.service.status(run_id).run.tick
+    return harness.dispatcher.kinds[(run_id, tick)]
+
+
+def test_each_iteration_is_published_for_the_work_it_will_do(harness: Harness) -> None:
+    harness.planner.script = [noop_then_flaky()]
+    no_retries = {"retry_policy": {"max_retries": 0}}
+    run_id = harness.service.create_run("queues: plan, tool, re-plan", config=no_retries)
+    assert kind_of_last(harness, run_id) is WorkKind.PLAN  # a new run is planned first
+    harness.step()  # the plan
+    assert kind_of_last(harness, run_id) is WorkKind.TOOL  # its first step runs next
+    harness.step()  # noop succeeded
+    assert kind_of_last(harness, run_id) is WorkKind.TOOL
+    harness.step()  # flaky failed, and no retry is left
+    assert kind_of_last(harness, run_id) is WorkKind.PLAN  # planned around
+
+
+def test_a_message_on_the_wrong_queue_is_forwarded_unclaimed(harness: Harness) -> None:
+    run_id = harness.service.create_run("queues: forward")
+    harness.dispatcher.sent.clear()
+    before = harness.service.status(run_id).run
+    harness.service.advance(run_id, before.tick, kind=WorkKind.TOOL)  # a plan is due
+    after = harness.service.status(run_id).run
+    assert (after.tick, after.iteration) == (before.tick, before.iteration)  # not claimed
+    assert harness.dispatcher.sent == [(run_id, before.tick, 0)]
+    assert harness.dispatcher.kinds[(run_id, before.tick)] is WorkKind.PLAN
+    harness.service.advance(run_id, before.tick, kind=WorkKind.PLAN)  # the right queue
+    assert harness.service.status(run_id).run.iteration == before.iteration + 1  # planned
+
+
+# --- real workers: notices ----------------------------------------------------------
+
+
+def queued_tasks(name: str) -> list[str]:
+    """The task names of the messages waiting in queue `name`."""
+    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+    try:
+        return [json.loads(raw)["headers"]["task"] for raw in client.lrange(name, 0, -1)]
+    finally:
+        client.close()
+
+
+def pause_runs(service: AgentService, count: int) -> list[str]:
+    """`count` runs, each paused for approval before its first step."""
+    ids = [
+        service.create_run("noop chain", config={"approval_required": ["noop"]})
+        for _ in range(count)
+    ]
+    for run_id in ids:
+        wait_until(
+            lambda run_id=run_id: service.status(run_id).run.status == RunStatus.PAUSED,
+            what=f"run {run_id} to pause",
+        )
+    return ids
+
+
+def test_no_notice_is_published_when_no_channel_is_configured(start_worker, live_service):
+    # The worker does not consume notices: whatever is published stays to be counted.
+    start_worker(queues=f"{QUEUE},{PLAN_QUEUE}")
+    pause_runs(live_service, 20)
+    assert queued_tasks(NOTIFY_QUEUE) == []
+
+
+def test_notices_travel_on_their_own_queue(start_worker, live_service):
+    # A channel that would deliver (nobody listens on port 9: the notices are only counted).
+    smtp = {"AGENTLOOP_SMTP_HOST": "127.0.0.1", "AGENTLOOP_SMTP_PORT": "9"}
+    start_worker(queues=f"{QUEUE},{PLAN_QUEUE}", env=smtp)
+    pause_runs(live_service, 20)
+    wait_until(
+        lambda: queued_tasks(NOTIFY_QUEUE) == ["agentloop.notify"] * 20,
+        what="20 notices on the notify queue",
+    )
+    assert "agentloop.notify" not in queued_tasks(QUEUE) + queued_tasks(PLAN_QUEUE)
+
+
+# --- real workers: planner calls never hold tools back ---------------------------------
+
+PLANNER_RUNS = 50
+TOOL_RUNS = 5
+
+
+@pytest.fixture
+def claude_env(fake_anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = {"ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": fake_anthropic.base_url}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # create_run builds the planner to check it can
+    return env
+
+
+def test_tool_steps_keep_flowing_while_fifty_planner_calls_wait(
+    fake_anthropic: FakeAnthropic, claude_env: dict[str, str], start_worker: Any, database_url
+):
+    from app.config import load_settings
+    from app.wiring import build_service
+    from tasks import CeleryDispatcher, CeleryNotifier
+
+    settings = load_settings()
+    service = build_service(settings, CeleryDispatcher(settings.max_countdown), CeleryNotifier())
+    # Each planner call answers after 60 s: far longer than the tool runs need, so
+    # the order below says what blocks what, not how fast this machine is.
+    noop = [{"description": "no-op", "tool": "noop", "args": {}}]
+    fake_anthropic.script(*[slow(plan_reply(noop), 60) for _ in range(PLANNER_RUNS)])
+    fake_anthropic.script(*[finish_reply("done") for _ in range(PLANNER_RUNS)])
+    # As the Procfile runs them: tools on prefork, the planner on many threads.
+    start_worker(name="tools", queues=QUEUE, env=claude_env)
+    start_worker(
+        name="planner", queues=PLAN_QUEUE, pool="threads", concurrency=64, beat=False,
+        env=claude_env,
+    )  # fmt: skip
+    planned = [
+        service.create_run(f"plan slowly {i}", config={"planner": "anthropic"})
+        for i in range(PLANNER_RUNS)
+    ]
+    wait_until(
+        lambda: len(fake_anthropic.requests) == PLANNER_RUNS,
+        timeout=60,
+        what="all planner calls to be waiting on the model at once",
+    )
+    tooled = [
+        service.create_run("noop chain", config={"planner": "offline"}) for _ in range(TOOL_RUNS)
+    ]
+    try:
+        for run_id in tooled:
+            wait_until(
+                lambda run_id=run_id: service.status(run_id).run.status == RunStatus.COMPLETED,
+                timeout=60,
+                what=f"tool run {run_id} to complete while the planner calls wait",
+            )
+        # Every tool step ran while all fifty planner calls were still unanswered.
+        assert all(service.status(r).run.plan_version == 0 for r in planned)
+        assert len(fake_anthropic.requests) == PLANNER_RUNS
+    finally:
+        for run_id in planned:
+            service.cancel(run_id, by="test")
+        fake_anthropic.stop()  # the waiting calls end now; the cancelled runs discard them
+        service.store.dispose()
