@@ -100,9 +100,16 @@ def test_stopping_make_runs_honcho_during_a_step_completes_it(
     """`make run`'s worker line under the same honcho, stopped as Ctrl-C stops it; the
     step outlasts honcho's stock 5 s SIGKILL wait."""
     drop_queue(redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB))
-    (line,) = [p for p in (ROOT / "Procfile").read_text().splitlines() if p.startswith("worker:")]
+    # The tools' worker line, and the planner's that plans the run first.
+    lines = [
+        p
+        for p in (ROOT / "Procfile").read_text().splitlines()
+        if p.startswith(("worker:", "planner:"))
+    ]
     procfile = tmp_path / "Procfile"
-    procfile.write_text(line + " --concurrency=1 --without-gossip --without-mingle\n")
+    procfile.write_text(
+        "".join(line + " --concurrency=1 --without-gossip --without-mingle\n" for line in lines)
+    )
     (tmp_path / ".env").write_text("")
     log = tmp_path / "honcho.log"
     env = {
