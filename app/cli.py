@@ -15,6 +15,7 @@ from app.config import ConfigError, Settings, load_settings, redact_url
 from app.engine.models import Decision, RunStatus
 from app.errors import NotFound
 from app.service import AgentService, ServiceError
+from app.service.inputs import Problem, Problems
 from app.service.permissions import Actor
 from app.store.accounts import AccountError, Accounts, Role, User
 from app.store.repo import StoreUnavailable
@@ -35,12 +36,21 @@ def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
+        except Problems as exc:
+            click.echo(f"agentloop: {_counted(exc.problems)}:", err=True)
+            for problem in exc.problems:
+                click.echo(f"  - {problem}", err=True)
+            raise SystemExit(2) from None
         except (ConfigError, StoreUnavailable, BrokerUnavailable, ServiceError) as exc:
             message = exc.args[0] if exc.args else str(exc)
             click.echo(f"agentloop: {message}", err=True)
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def _counted(problems: list[Problem]) -> str:
+    return f"{len(problems)} problem{'s' * (len(problems) != 1)}; nothing was done"
 
 
 def check_broker(settings: Settings) -> None:
@@ -95,8 +105,10 @@ def main() -> None:
     help="Overrides the config's planner; auto when neither names one.",
 )
 @click.option("--runbook", default=None, help="Offline planner: force this runbook.")
-@click.option("--max-iterations", type=int, default=None)
-@click.option("--timeout", type=float, default=None, help="Seconds for the whole run.")
+# Given as typed: the service checks them with everything else, so a mistake here is
+# listed with every other problem of the run at once.
+@click.option("--max-iterations", default=None, help="A whole number.")
+@click.option("--timeout", default=None, help="Seconds for the whole run.")
 @click.option("--approval-required", default=None, help="Comma-separated tool names.")
 @click.option("--config", "config_json", default=None, help="Run config as JSON.")
 @click.option(
@@ -111,8 +123,8 @@ def run(
     task: str,
     planner: str | None,
     runbook: str | None,
-    max_iterations: int | None,
-    timeout: float | None,
+    max_iterations: str | None,
+    timeout: str | None,
     approval_required: str | None,
     config_json: str | None,
     idempotency_key: str | None,
@@ -122,7 +134,7 @@ def run(
 
     Options override the same fields of --config."""
     _, service = connect()
-    config: dict[str, Any] = _parse_json(config_json, "--config") if config_json else {}
+    config, unread = _config_option(config_json)
     options = {
         "planner": planner,
         "runbook": runbook,
@@ -131,6 +143,8 @@ def run(
         "approval_required": approval_required,
     }
     config.update({k: v for k, v in options.items() if v is not None})
+    if unread is not None:  # the rest is checked too: every problem in one answer
+        raise Problems([unread, *service.run_problems(task, config)])
     run_id = service.create_run(
         task, config=config, created_by=_actor(service), idempotency_key=idempotency_key
     )
@@ -199,7 +213,10 @@ def reject(run_id: str, reason: str) -> None:
     """Reject the step a paused run waits on."""
     _, service = connect()
     service.reject(run_id, by=_actor(service), reason=reason, channel="cli")
-    click.echo(f"rejected; run {run_id} re-plans")
+    click.echo(
+        f"rejected; run {run_id} re-plans around the reason, or ends as rejected if the "
+        f"planner has no other way (`agentloop follow {run_id}`)"
+    )
 
 
 @main.command()
@@ -217,11 +234,12 @@ def resolve(run_id: str, decision: str, comment: str) -> None:
 
 @main.command()
 @click.argument("run_id")
+@click.option("--reason", default="", help="Why (kept with the run, and told to its people).")
 @friendly_errors
-def cancel(run_id: str) -> None:
+def cancel(run_id: str, reason: str) -> None:
     """Cancel a queued, running or paused run."""
     _, service = connect(broker=False)
-    service.cancel(run_id, by=_actor(service))
+    service.cancel(run_id, by=_actor(service), reason=reason)
     click.echo(f"run {run_id} cancelled")
 
 
@@ -398,6 +416,16 @@ def demo() -> None:
     from app.demo import run_demo
 
     raise SystemExit(run_demo(load_settings()))
+
+
+def _config_option(text: str | None) -> tuple[dict[str, Any], Problem | None]:
+    """--config as a dict, or an empty one and the problem with it."""
+    if not text:
+        return {}, None
+    try:
+        return _parse_json(text, "--config"), None
+    except ConfigError as exc:
+        return {}, Problem("--config", str(exc).removeprefix("--config "))
 
 
 def _parse_json(text: str, option: str) -> dict[str, Any]:
@@ -617,7 +645,8 @@ def runs_command(
         return
     for r in found:
         task = r.task if len(r.task) <= 60 else r.task[:59] + "…"
-        click.echo(f"{r.id}  {r.status:<9}  {r.created_at:%Y-%m-%d %H:%M}  {task}")
+        by = f"  (by {r.ended_by})" if r.ended_by else ""
+        click.echo(f"{r.id}  {r.status:<9}  {r.created_at:%Y-%m-%d %H:%M}  {task}{by}")
     click.echo(f"{len(found)} run(s)")
 
 
@@ -690,7 +719,7 @@ def import_command(file: Any) -> None:
     "--status",
     "statuses",
     default=None,
-    help="Comma-separated, of completed, failed, cancelled (default: all three).",
+    help="Comma-separated, of completed, failed, rejected, cancelled (default: all four).",
 )
 @click.option("--dry-run", is_flag=True, help="Print what would be removed; remove nothing.")
 @friendly_errors

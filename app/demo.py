@@ -22,7 +22,7 @@ from app import stall
 from app.config import Settings, redact_url
 from app.engine.models import Decision, PauseKind, RunStatus
 from app.service import AgentService, RunView
-from app.timeline import format_event, format_step
+from app.timeline import format_event, format_outcome, format_step
 
 DEMO_TASK = "deploy PR 42 to staging, run the tests, report the results"
 DEMO_CONFIG = {
@@ -172,7 +172,7 @@ def finish(view: RunView) -> int:
         print(f"\nrun {run.id} completed in {run.iteration} iterations.\n")
         print(run.report or "(no report)")
         return 0
-    print(f"\nrun {run.id} {run.status}: {run.error}")
+    print(f"\nrun {run.id} {format_outcome(run) or f'{run.status}: {run.error}'}")
     return 1
 
 

@@ -21,6 +21,29 @@ from app.engine.models import (
 # --- actions: decide() returns exactly one ------------------------------------
 
 
+class Rejection(BaseModel):
+    """Who rejected a step and why, in their words: kept in the rejected step's result
+    when the decision is made, so an outcome never has to be read back out of text."""
+
+    model_config = ConfigDict(frozen=True)
+
+    by: str | None  # None for a step rejected before this record was kept
+    reason: str
+
+    def record(self) -> JSONDict:
+        """What the rejected step's result holds."""
+        return {"rejected_by": self.by, "reason": self.reason}
+
+    @classmethod
+    def of(cls, step: Step) -> Rejection:
+        kept = step.result if isinstance(step.result, dict) else {}
+        by, reason = kept.get("rejected_by"), kept.get("reason")
+        return cls(
+            by=by if isinstance(by, str) else None,
+            reason=reason if isinstance(reason, str) else step.error or "",
+        )
+
+
 class Failure(BaseModel):
     """Why a re-plan is needed, as the planner is told."""
 
@@ -35,6 +58,7 @@ class Failure(BaseModel):
     attempts: int
     rejection_reason: str | None = None
     approved_args_hash: str | None = None
+    rejection: Rejection | None = None  # who rejected it and why, when a person did
 
     @classmethod
     def of(cls, step: Step) -> Failure:
@@ -49,6 +73,7 @@ class Failure(BaseModel):
             attempts=step.attempts,
             rejection_reason=step.error if rejected else None,
             approved_args_hash=None if rejected else step.approved_args_hash,
+            rejection=Rejection.of(step) if rejected else None,
         )
 
 
@@ -81,11 +106,13 @@ class AwaitHuman(BaseModel):
 
 
 class Fail(BaseModel):
-    """Stop the run; the reason is recorded."""
+    """Stop the run; the reason is recorded. With `rejection`, the run ends because a
+    person rejected a step (status rejected), not because something went wrong."""
 
     model_config = ConfigDict(frozen=True)
     type: Literal["fail"] = "fail"
     reason: str
+    rejection: Rejection | None = None
 
 
 Action = Plan | Execute | AwaitHuman | Fail
@@ -153,6 +180,15 @@ class PlannerUnavailable(BaseModel):
     usage: list[LlmUsage] = Field(default_factory=list)
 
 
+class NoAlternative(BaseModel):
+    """The planner has no way to do the task without the step a person rejected: the
+    run ends as that person decided. `reason` is the planner's own account."""
+
+    type: Literal["no_alternative"] = "no_alternative"
+    reason: str
+    usage: list[LlmUsage] = Field(default_factory=list)
+
+
 class PlannerFatal(BaseModel):
     """A planner failure a person must fix (bad key, bad request)."""
 
@@ -161,7 +197,9 @@ class PlannerFatal(BaseModel):
     usage: list[LlmUsage] = Field(default_factory=list)
 
 
-PlanOutcome = PlanProduced | PlanFinished | PlanInvalid | PlannerUnavailable | PlannerFatal
+PlanOutcome = (
+    PlanProduced | PlanFinished | PlanInvalid | PlannerUnavailable | NoAlternative | PlannerFatal
+)
 
 
 class StepSucceeded(BaseModel):
@@ -238,5 +276,8 @@ class Transition(BaseModel):
     human_request: HumanRequest | None = None
     report: str | None = None
     error: str | None = None
+    # A run a person's decision ended (rejected, cancelled): who, and why in their words.
+    ended_by: str | None = None
+    end_reason: str | None = None
     tokens_delta: int = 0
     cost_delta: float = 0.0

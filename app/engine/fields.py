@@ -105,6 +105,8 @@ RUN_WRITES: tuple[Write, ...] = (
     Write("cost_delta", "cost_usd", How.ADD),
     Write("report", "report", How.REPLACE, in_snapshot=False),
     Write("error", "error", How.REPLACE, in_snapshot=False),
+    Write("ended_by", "ended_by", How.REPLACE, in_snapshot=False),
+    Write("end_reason", "end_reason", How.REPLACE, in_snapshot=False),
 )
 
 # Transition fields that write no run column, and who handles each.

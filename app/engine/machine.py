@@ -17,6 +17,7 @@ from app.engine.actions import (
     Failure,
     HumanRequest,
     NewEvent,
+    NoAlternative,
     Plan,
     PlanFinished,
     PlanInvalid,
@@ -24,6 +25,7 @@ from app.engine.actions import (
     PlannerUnavailable,
     PlanOutcome,
     PlanProduced,
+    Rejection,
     StepFailed,
     StepOutcome,
     StepSucceeded,
@@ -95,9 +97,11 @@ def decide(run: RunSnapshot, *, now: datetime, tools: Tools) -> Action:
         return Plan(purpose="initial")
     if failed := _first(run, StepStatus.FAILED, StepStatus.REJECTED):
         if run.replans >= cfg.max_replans:
+            rejected = failed.status is StepStatus.REJECTED
             return Fail(
                 reason=f"gave up after {run.replans} re-plan(s); step {failed.position} "
-                f"({failed.tool}) failed: {failed.error}"
+                f"({failed.tool}) {'was' if rejected else 'failed:'} {failed.error}",
+                rejection=Rejection.of(failed) if rejected else None,
             )
         return Plan(purpose="replan", failure=Failure.of(failed))
     pending = _first(run, StepStatus.PENDING)
@@ -143,6 +147,38 @@ def fail(reason: str) -> Transition:
         status=RunStatus.FAILED,
         error=reason,
         events=[NewEvent(kind=EventKind.STATUS, message=f"run failed: {reason}")],
+    )
+
+
+def stop(action: Fail) -> Transition:
+    """End the run `decide` said to end: as a person's rejection when one left the
+    planner no way on, else as a failure."""
+    if action.rejection is not None:
+        return end_rejected(action.rejection, why=action.reason)
+    return fail(action.reason)
+
+
+def end_rejected(rejection: Rejection, *, why: str) -> Transition:
+    """A person rejected a step and the planner has no other way: the run ends as they
+    decided. An outcome, not an error: `why` (the planner's account) is a decision
+    event, and the run keeps who rejected and their reason."""
+    who = rejection.by or "a person"
+    return Transition(
+        status=RunStatus.REJECTED,
+        ended_by=rejection.by,
+        end_reason=rejection.reason,
+        events=[
+            NewEvent(kind=EventKind.DECISION, message=f"no other way to do the task: {why}"),
+            NewEvent(
+                kind=EventKind.STATUS,
+                message=f"run rejected by {who}: {rejection.reason}",
+                data={
+                    "outcome": RunStatus.REJECTED,
+                    "by": rejection.by,
+                    "reason": rejection.reason,
+                },
+            ),
+        ],
     )
 
 
@@ -371,6 +407,10 @@ def _fold_plan_outcome(
                 delay=delay,
                 kind=EventKind.RETRY,
             )
+        case NoAlternative():
+            if action.failure is None or action.failure.rejection is None:
+                return fail(f"planner error: {outcome.reason}")  # nothing was rejected
+            return end_rejected(action.failure.rejection, why=outcome.reason)
         case PlannerFatal():
             return fail(f"planner error: {outcome.error}")
 
@@ -494,6 +534,8 @@ def fold_decision(
             update.status = StepStatus.REJECTED
             update.error = f"rejected by {by}: {reason or 'no reason given'}"
             update.set_error = True
+            update.result = Rejection(by=by, reason=reason or "no reason given").record()
+            update.set_result = True
         case Decision.RETRY:
             update.status = StepStatus.PENDING
         case Decision.SKIP:

@@ -34,11 +34,25 @@ class RunStatus(StrEnum):
     PAUSED = "paused"
     COMPLETED = "completed"
     FAILED = "failed"
+    # Ended by a person's decision, not by an error: a step was rejected and the
+    # planner had no other way (the run's ended_by and end_reason say who and why),
+    # or the run was cancelled.
+    REJECTED = "rejected"
     CANCELLED = "cancelled"
 
     @property
     def is_terminal(self) -> bool:
-        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+        return self in TERMINAL_STATUSES
+
+    @property
+    def is_decision(self) -> bool:
+        """Whether a person's decision ended the run (who: ended_by; why: end_reason)."""
+        return self in (RunStatus.REJECTED, RunStatus.CANCELLED)
+
+
+TERMINAL_STATUSES = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.REJECTED, RunStatus.CANCELLED}
+)
 
 
 ACTIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)

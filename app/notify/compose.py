@@ -16,7 +16,7 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from app.engine.models import Step
+from app.engine.models import Step, StepStatus
 from app.markdown_html import markdown_html
 from app.service import ApprovalView, Notice, RunView
 
@@ -84,7 +84,7 @@ def run_mail(notice: Notice, view: RunView, links: Links) -> Mail:
     run = view.run
     report = (run.report or "")[:REPORT_CHARS]
     pending = view.pending_approval
-    step = _step(view, pending.step_id) if pending is not None else None
+    step = _step(view, pending.step_id) if pending is not None else rejected_step(view)
     text, html = _render(
         str(notice), run=run, report=report, report_html=markdown_html(report),
         pending=pending, step=step, links=links,
@@ -94,12 +94,31 @@ def run_mail(notice: Notice, view: RunView, links: Links) -> Mail:
         Notice.FAILED: "failed",
         Notice.OUTCOME_UNKNOWN: "needs a decision (outcome unknown)",
         Notice.APPROVAL_NEEDED: "needs approval",
+        Notice.REJECTED: f"rejected by {run.ended_by or 'a person'}",
+        Notice.CANCELLED: f"cancelled by {run.ended_by or 'a person'}",
     }[notice]
     return Mail(subject=f"[agentloop] {headline}: {one_line(run.task)}", text=text, html=html)
 
 
 def _step(view: RunView, step_id: int) -> Step | None:
     return next((s for s in view.steps if s.id == step_id), None)
+
+
+def rejected_step(view: RunView) -> Step | None:
+    """The step whose rejection ended the run (the last one rejected), if any."""
+    return next((s for s in reversed(view.steps) if s.status == StepStatus.REJECTED), None)
+
+
+def _decided(notice: Notice, run: Any, step: Step | None) -> str:
+    """A person's decision that ended the run, in one line: why, and what it means."""
+    why = f"Reason: {run.end_reason}" if run.end_reason else "No reason given"
+    if notice is Notice.CANCELLED:
+        return f"{why}. A decision, not a failure: nothing more runs."
+    what = f"step {step.position} ({step.tool})" if step is not None else "a step"
+    return (
+        f"{why}. {what[0].upper()}{what[1:]} was not run and the planner had no other way "
+        "to do the task, so the run ended there: a decision, not a failure."
+    )
 
 
 def slack_escape(text: str) -> str:
@@ -131,4 +150,7 @@ def slack_text(notice: Notice, view: RunView, links: Links) -> str:
         case Notice.FAILED:
             reason = slack_escape((run.error or "no reason recorded")[:SLACK_TEXT_CHARS])
             body = f"*Run failed* {head}\nReason: {reason}"
+        case Notice.REJECTED | Notice.CANCELLED:
+            body = f"*Run {notice}* by {slack_escape(run.ended_by or 'a person')}: {head}\n"
+            body += slack_escape(_decided(notice, run, rejected_step(view)))[:SLACK_TEXT_CHARS]
     return body

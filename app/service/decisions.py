@@ -25,6 +25,7 @@ from app.service.permissions import (
     require_cancel,
     require_decision,
 )
+from app.service.ports import Notice
 from app.store.records import ApprovalRecord, RunRecord
 from app.store.repo import Guard, snapshot_from_row
 
@@ -175,9 +176,11 @@ class Decisions(ServiceBase):
         return f"run {row.id} is {row.status}, not waiting for a decision"
 
     @tracing.cancel_span
-    def cancel(self, run_id: str, *, by: Actor | str) -> None:
-        """Cancel a queued, running or paused run. Raises NotFound, Conflict, Forbidden
-        (an operator cancels only their own runs)."""
+    def cancel(self, run_id: str, *, by: Actor | str, reason: str = "") -> None:
+        """Cancel a queued, running or paused run; `reason` (optional) says why. Raises
+        NotFound, Conflict, Forbidden (an operator cancels only their own runs),
+        InvalidInput (a reason the database cannot hold)."""
+        reason = check_text(reason, "the reason").strip()
         now = self.clock()
         who = name_of(by)
         with self.store.transaction() as tx:
@@ -188,18 +191,24 @@ class Decisions(ServiceBase):
                 tx.set_status(
                     run_id,
                     RunStatus.CANCELLED,
-                    error=f"cancelled by {who}",
+                    error=None,
                     now=now,
                     only_from=active,
+                    ended_by=who,
+                    end_reason=reason or None,
                 )
                 is None
             ):
                 raise Conflict(f"run {run_id} is {row.status}; only an active run can be cancelled")
             tx.close_approvals(run_id, "cancelled")
+            because = f": {reason}" if reason else ""
             cancelled = NewEvent(
-                kind=EventKind.STATUS, message=f"run cancelled by {who}", data={"by": who}
+                kind=EventKind.STATUS,
+                message=f"run cancelled by {who}{because}",
+                data={"outcome": RunStatus.CANCELLED, "by": who, "reason": reason or None},
             )
             tx.insert_events(run_id, row.iteration, [cancelled], now)
+        self._tell(Notice.CANCELLED, run_id)
 
     def expire_approvals(self, *, ttl: float, policy: str) -> int:
         """Settle approvals nobody decided within `ttl` seconds: "reject" (the agent

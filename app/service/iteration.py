@@ -28,7 +28,7 @@ from app.engine.actions import (
     Transition,
 )
 from app.engine.apply import apply_transition
-from app.engine.machine import begin_step, decide, fail, fold_plan, fold_step, pause
+from app.engine.machine import begin_step, decide, fail, fold_plan, fold_step, pause, stop
 from app.engine.models import ACTIVE_STATUSES, EventKind, JSONDict, RunSnapshot
 from app.engine.routing import WorkKind, work_of
 from app.planner.base import PlanRequest
@@ -156,7 +156,7 @@ class Iteration(Context, Work):
         claim = Guard.claim(self.worker_id, row)
         match action:
             case Fail() | AwaitHuman():
-                settled = fail(action.reason) if isinstance(action, Fail) else pause(run, action)
+                settled = stop(action) if isinstance(action, Fail) else pause(run, action)
                 return (
                     settled if self._save(self.store, run, settled, guard=claim, now=now) else None
                 )

@@ -38,6 +38,9 @@ class Notice(StrEnum):
     OUTCOME_UNKNOWN = "outcome_unknown"
     COMPLETED = "completed"
     FAILED = "failed"
+    # Ended by a person's decision: told as a decision, with who and why.
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
 
 
 class Notifier(Protocol):
@@ -56,4 +59,6 @@ def notice_for(transition: Transition) -> Notice | None:
             return Notice.COMPLETED
         case RunStatus.FAILED:
             return Notice.FAILED
+        case RunStatus.REJECTED:
+            return Notice.REJECTED
     return None

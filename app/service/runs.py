@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
+from app.engine import sanitize
 from app.engine.models import (
     DEFAULT_APPROVAL_REQUIRED,
     MAX_TASK_CHARS,
@@ -18,9 +19,10 @@ from app.engine.models import (
     RunStatus,
     args_hash,
 )
-from app.errors import Conflict, InvalidInput
+from app.errors import Conflict
+from app.planner.base import ChecksTasks
 from app.service.base import ServiceBase, status_event
-from app.service.inputs import check_json, check_text, scoped_key
+from app.service.inputs import Problem, Problems, scoped_key, validation_problems
 from app.service.permissions import Actor, name_of, require_role
 from app.store.accounts import Accounts, Role
 
@@ -41,34 +43,15 @@ class Runs(ServiceBase):
         With an `idempotency_key`, a retry of the same request by the same creator
         returns the run the first one made (and a different request with that key is
         a Conflict). Once the run is stored, nothing fails the call: a failed publish
-        is logged and the sweep starts the run. Raises InvalidInput, Conflict,
-        Forbidden (creating runs takes the operator role)."""
+        is logged and the sweep starts the run. Raises Problems (an InvalidInput that
+        lists every problem of the request at once), Conflict, Forbidden (creating
+        runs takes the operator role)."""
         if created_by is not None:
             require_role(created_by, Role.OPERATOR, "create runs")
             created_by = name_of(created_by)
-        task = check_text((task or "").strip(), "the task")
-        if not task:
-            raise InvalidInput("the task is empty: say what the agent should do")
-        if len(task) > MAX_TASK_CHARS:
-            raise InvalidInput(f"the task is {len(task)} characters; the limit is {MAX_TASK_CHARS}")
-        cfg = self._validate_config(config)
-        # A misspelt name would leave the real tool unguarded; the defaults may name
-        # tools a deployment does not have.
-        known = {t.name for t in self.tools} | set(DEFAULT_APPROVAL_REQUIRED)
-        unknown = sorted(set(cfg.approval_required) - known)
-        if unknown:
-            raise InvalidInput(f"approval_required names unknown tools: {', '.join(unknown)}")
-        # A misspelt approver would leave a run nobody can decide.
-        if strangers := Accounts(self.store.engine).unknown_names(cfg.approvers):
-            raise InvalidInput(
-                f"approvers names no user: {', '.join(strangers)} (give user names of "
-                "`agentloop user list`, or email addresses)"
-            )
-        planner = self.default_planner if cfg.planner == "auto" else cfg.planner
-        try:
-            self.planners(planner)
-        except ValueError as exc:
-            raise InvalidInput(str(exc)) from None
+        found, task, cfg, planner = self._examine(task, config)
+        if found:
+            raise Problems(found)
         key = scoped_key(idempotency_key, created_by)
         request_hash = args_hash({"task": task, "config": cfg.model_dump(mode="json")})
         if key is not None and (existing := self._replayed(key, request_hash)) is not None:
@@ -123,16 +106,89 @@ class Runs(ServiceBase):
         run_id: str = row.id
         return run_id
 
-    @staticmethod
-    def _validate_config(config: RunConfig | Mapping[str, Any] | None) -> RunConfig:
-        if isinstance(config, RunConfig):
-            return config
-        check_json(dict(config or {}), "config")
-        try:
-            return RunConfig.model_validate(dict(config or {}))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
-                for e in exc.errors()
+    def run_problems(
+        self, task: str, config: RunConfig | Mapping[str, Any] | None = None
+    ) -> list[Problem]:
+        """Every problem a run of `task` with `config` would be refused for (empty: it
+        would be created). Nothing is stored."""
+        return self._examine(task, config)[0]
+
+    def _examine(
+        self, task: str, config: RunConfig | Mapping[str, Any] | None
+    ) -> tuple[list[Problem], str, RunConfig, str]:
+        """(every problem at once, the task, the config, the planner it resolves to).
+        Where a config field is invalid its default stands in, so the checks that
+        depend on the others still run: one answer lists everything to fix."""
+        task = (task or "").strip()
+        found = _task_problems(task)
+        cfg, config_found = _config(config)
+        found += config_found
+        flagged = {p.field for p in config_found}
+        # A misspelt name would leave the real tool unguarded; the defaults may name
+        # tools a deployment does not have.
+        known = {t.name for t in self.tools} | set(DEFAULT_APPROVAL_REQUIRED)
+        if unknown := sorted(set(cfg.approval_required) - known):
+            found.append(
+                Problem("config.approval_required", f"names unknown tools: {', '.join(unknown)}")
             )
-            raise InvalidInput(f"invalid run config: {problems}") from None
+        # A misspelt approver would leave a run nobody can decide. (Names the database
+        # cannot hold are not looked up: their problem is listed already.)
+        storable = not any(p.field == "config" for p in config_found)
+        if storable and (strangers := Accounts(self.store.engine).unknown_names(cfg.approvers)):
+            found.append(
+                Problem(
+                    "config.approvers",
+                    f"names no user: {', '.join(strangers)} (give user names of "
+                    "`agentloop user list`, or email addresses)",
+                )
+            )
+        planner = self.default_planner if cfg.planner == "auto" else cfg.planner
+        if not flagged & {"config.planner", "config.runbook"}:
+            found += self._planner_problems(planner, task, cfg)
+        return found, task, cfg, planner
+
+    def _planner_problems(self, planner: str, task: str, cfg: RunConfig) -> list[Problem]:
+        """Whether `planner` exists here and, if it can tell, whether it can plan `task`."""
+        try:
+            chosen = self.planners(planner)
+        except ValueError as exc:
+            hint = (
+                ": this deployment has no key, so choose the offline planner (runbooks), "
+                "or set ANTHROPIC_API_KEY for the web app, the CLI and the workers"
+                if "ANTHROPIC_API_KEY" in str(exc)
+                else ""
+            )
+            return [Problem("config.planner", f"{exc}{hint}")]
+        if not task or not isinstance(chosen, ChecksTasks):
+            return []
+        where = "config.runbook" if cfg.runbook is not None else "task"
+        tools = [t.name for t in self.tools]
+        return [Problem(where, text) for text in chosen.task_problems(task, cfg, tools)]
+
+
+def _task_problems(task: str) -> list[Problem]:
+    if problem := sanitize.text_problem(task):
+        return [Problem("task", f"the task {problem}")]
+    if not task:
+        return [Problem("task", "the task is empty: say what the agent should do")]
+    if len(task) > MAX_TASK_CHARS:
+        return [
+            Problem("task", f"the task is {len(task)} characters; the limit is {MAX_TASK_CHARS}")
+        ]
+    return []
+
+
+def _config(config: RunConfig | Mapping[str, Any] | None) -> tuple[RunConfig, list[Problem]]:
+    """The run's config and its problems; an invalid field's default stands in for it."""
+    if isinstance(config, RunConfig):
+        return config, []
+    if config is not None and not isinstance(config, Mapping):
+        return RunConfig(), [Problem("config", "must be an object of run options")]
+    given = dict(config or {})
+    # NUL, lone surrogates, Infinity: what the database cannot hold ("config" problems).
+    found = [Problem("config", text) for text in sanitize.problems(given, what="config")]
+    try:
+        return RunConfig.model_validate(given), found
+    except ValidationError as exc:
+        found += validation_problems(exc, prefix="config")
+    return RunConfig.from_stored(given), found

@@ -56,6 +56,8 @@ class RunRecord(_Record):
     nudged_at: datetime | None
     idempotency_key: str | None
     request_hash: str | None
+    ended_by: str | None  # who ended the run by a decision (rejected, cancelled)
+    end_reason: str | None  # and why, in their words
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,10 @@ runs = Table(
     # a fork outlives a pruned parent and imports without it.
     Column("parent_run_id", String(32)),
     Column("forked_from_step", Integer),
+    # Who ended a run by a decision (rejected, cancelled) and why, in their words
+    # (migration 0007). A decision is not an error: `error` stays empty then.
+    Column("ended_by", String(120)),
+    Column("end_reason", Text),
     # No column an iteration writes is in an index, so its updates are HOT (0006):
     # next_run_at, leases, nudged_at, tick and counters stay out of every index.
     Index("ix_runs_status_created_at", "status", "created_at"),
