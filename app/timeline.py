@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from itertools import takewhile
 
-from app.engine.models import Step
+from app.engine.models import RunStatus, Step
 from app.store.records import EventRecord, RunRecord
 from app.store.repo import Store
 
@@ -25,6 +25,8 @@ STYLE = {
     "status": ("STATUS", "\033[1m"),
 }
 RESET = "\033[0m"
+# Statuses a person's decision ends a run in (RunStatus.is_decision).
+DECIDED = {status.value for status in RunStatus if status.is_decision}
 
 
 def format_event(event: EventRecord, *, color: bool = False) -> str:
@@ -49,9 +51,20 @@ def format_run_header(run: RunRecord) -> str:
         f"task: {run.task}",
         f"created {run.created_at:%Y-%m-%d %H:%M:%S} UTC, {cost}",
     ]
-    if run.error:
+    if outcome := format_outcome(run):
+        lines.append(outcome)
+    elif run.error:
         lines.append(f"error: {run.error}")
     return "\n".join(lines)
+
+
+def format_outcome(run: RunRecord) -> str | None:
+    """How a run a person's decision ended reads (who, why), or None for any other:
+    a decision, never shown as an error."""
+    if run.status not in DECIDED:
+        return None
+    why = run.end_reason or "no reason given"
+    return f"{run.status} by {run.ended_by or 'a person'}: {why} (a decision, not a failure)"
 
 
 # --- the run page: groups of events, a waterfall of steps, bounded reads ---------------

@@ -42,7 +42,7 @@ def test_invalid_configuration_names_the_setting(cli):
     [
         (["run", ""], "the task is empty"),
         (["run", "noop chain", "--max-iterations", "0"], "max_iterations"),
-        (["run", "noop chain", "--config", "{not json"], "--config is not valid JSON"),
+        (["run", "noop chain", "--config", "{not json"], "--config: is not valid JSON"),
         (["status", "no-such-run"], "no run with id 'no-such-run'"),
         (["approve", "no-such-run"], "no run with id 'no-such-run'"),
         (["reject", "no-such-run"], "Missing option '--reason'"),

@@ -14,6 +14,7 @@ from app.engine.actions import (
     Execute,
     Fail,
     Failure,
+    NoAlternative,
     Plan,
     PlanFinished,
     PlanInvalid,
@@ -206,14 +207,17 @@ def test_recovery_retries_the_args_a_person_approved(planner: OfflinePlanner) ->
     assert plan.steps[1].args == {"env": "staging", "note": "x"}
 
 
-def test_a_rejected_step_is_fatal(planner: OfflinePlanner) -> None:
+def test_a_rejected_step_leaves_no_alternative(planner: OfflinePlanner) -> None:
+    """Not a planner error: the run ends as the person decided."""
     failure = deploy_failure(
         error="rejected by ana: not today", rejection="rejected by ana: not today"
     )
     plan = plan_v1(deploy_status="rejected")
-    error = fatal(planner.plan(request("replan", failure=failure, current_plan=plan), check=check))
+    outcome = planner.plan(request("replan", failure=failure, current_plan=plan), check=check)
+    assert isinstance(outcome, NoAlternative), outcome
     assert (
-        error == "runbook deploy_pr has no alternative to deploy after: rejected by ana: not today"
+        outcome.reason
+        == "runbook deploy_pr has no alternative to deploy after: rejected by ana: not today"
     )
 
 

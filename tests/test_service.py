@@ -322,7 +322,7 @@ def test_cancel_stops_the_run_and_later_messages_do_nothing(harness: Harness):
     harness.service.cancel(run_id, by="ann")
     harness.drain()
     row = run_row(harness, run_id)
-    assert row.status == RunStatus.CANCELLED and row.error == "cancelled by ann"
+    assert row.status == RunStatus.CANCELLED and (row.ended_by, row.error) == ("ann", None)
     with pytest.raises(Conflict, match="only an active run"):
         harness.service.cancel(run_id, by="ann")
 

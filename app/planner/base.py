@@ -8,9 +8,9 @@ PlannerUnavailable and the loop's own countdown does the waiting.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -98,3 +98,14 @@ class Planner(Protocol):
     name: str
 
     def plan(self, request: PlanRequest, *, check: PlanCheck) -> PlanOutcome: ...
+
+
+@runtime_checkable
+class ChecksTasks(Protocol):
+    """A planner that can tell, when a run is created, that it will not be able to plan
+    the task (the offline planner: no runbook handles it), so the run is refused then
+    instead of failing at its first iteration."""
+
+    def task_problems(self, task: str, config: RunConfig, tools: Collection[str]) -> list[str]:
+        """What stands in the way, in words; empty when it can plan the task."""
+        ...

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -28,13 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.engine.actions import (
     Failure,
+    NoAlternative,
     PlanFinished,
     PlanInvalid,
     PlannerFatal,
     PlanOutcome,
     PlanProduced,
 )
-from app.engine.models import MAX_STEPS_PER_PLAN, JSONDict, PlannedStep
+from app.engine.models import MAX_STEPS_PER_PLAN, JSONDict, PlannedStep, RunConfig
 from app.planner.base import PlanCheck, PlanRequest, StepView
 
 RUNBOOKS_DIR = Path(__file__).resolve().parent / "runbooks"
@@ -162,6 +163,9 @@ class Runbook(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)
     description: str = Field(min_length=1)
     match: re.Pattern[str]
+    # Tasks it handles, as people would type them: shown instead of the pattern when a
+    # task matches no runbook, and each checked against `match` when it is loaded.
+    examples: list[str] = Field(default_factory=list, max_length=10)
     env_defaults: dict[str, str] = Field(default_factory=dict)
     steps: list[RunbookStep] = Field(min_length=1, max_length=MAX_STEPS_PER_PLAN)
     recover: list[RecoveryRule] = Field(default_factory=list)
@@ -174,6 +178,11 @@ class Runbook(BaseModel):
         for rule in self.recover:
             rule_vars = groups | set(rule.error.groupindex)
             problems += [p for step in rule.insert for p in step.problems(rule_vars, tables)]
+        problems += [
+            f"example {example!r} does not match the pattern"
+            for example in self.examples
+            if self.match.search(example) is None
+        ]
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -202,8 +211,13 @@ class Runbook(BaseModel):
             for step in steps
         ]
 
+    def about(self) -> str:
+        """What the runbook is for, in words (its pattern is for machines)."""
+        shown = " or ".join(f"“{example}”" for example in self.examples[:2])
+        return f"{self.description} For example: {shown}" if shown else self.description
+
     def summary(self) -> str:
-        return f"{self.name} ({self.description} Tasks like: /{self.match.pattern}/)"
+        return f"{self.name} ({self.about()})"
 
 
 def load_runbooks(*directories: Path) -> list[Runbook]:
@@ -248,6 +262,11 @@ class _NoPlan(Exception):
     """The runbook cannot help; becomes PlannerFatal (a person must act)."""
 
 
+class _Rejected(Exception):
+    """A person rejected a step the runbook has no way around; becomes NoAlternative
+    (the run ends as they decided, not as an error)."""
+
+
 class OfflinePlanner:
     """Plans, re-plans and verifies from runbooks. Deterministic; no network.
 
@@ -274,8 +293,11 @@ class OfflinePlanner:
     def plan(self, request: PlanRequest, *, check: PlanCheck) -> PlanOutcome:
         """A plan for request.purpose; PlannerFatal when no runbook can help."""
         try:
-            runbook, variables = self._select(request)
+            have = {tool.name for tool in request.tools}
+            runbook, variables = self._select(request.task, request.config, have)
             outcome = self._answer(runbook, variables, request)
+        except _Rejected as exc:
+            return NoAlternative(reason=str(exc))
         except _NoPlan as exc:
             return PlannerFatal(error=str(exc))
         if isinstance(outcome, PlanProduced) and (problems := check(outcome.steps)):
@@ -283,26 +305,36 @@ class OfflinePlanner:
             return PlanInvalid(error="; ".join(problems), raw=raw)
         return outcome
 
-    def _select(self, request: PlanRequest) -> tuple[Runbook, dict[str, str]]:
-        """The runbook named by the run's config, else the first whose pattern matches."""
-        wanted = request.config.runbook
+    def task_problems(self, task: str, config: RunConfig, tools: Collection[str]) -> list[str]:
+        """Why this planner could not plan `task` with `tools`, in words (empty when it
+        can): checked when a run is created, so it is refused instead of failing."""
+        try:
+            self._select(task, config, tools)
+        except _NoPlan as exc:
+            return [str(exc)]
+        return []
+
+    def _select(
+        self, task: str, config: RunConfig, have: Collection[str]
+    ) -> tuple[Runbook, dict[str, str]]:
+        """The runbook named by the run's config, else the first whose pattern matches
+        and whose tools (all of them in `have`) this deployment has."""
+        wanted = config.runbook
         if wanted is not None:
             runbook = next((r for r in self.runbooks if r.name == wanted), None)
             if runbook is None:
                 raise _NoPlan(f"there is no runbook named {wanted!r}; {self._available()}")
-            variables = runbook.bind(request.task)
+            variables = runbook.bind(task)
             if variables is None:
-                raise _NoPlan(
-                    f"the task does not match runbook {wanted}'s pattern /{runbook.match.pattern}/"
-                )
-            if missing := _missing_tools(runbook, request):
+                raise _NoPlan(f"runbook {wanted} does not handle this task: {runbook.about()}")
+            if missing := _missing_tools(runbook, have):
                 raise _NoPlan(_lacks(runbook, missing))
             return runbook, variables
         lacking: list[str] = []
         for runbook in self.runbooks:
-            if (variables := runbook.bind(request.task)) is None:
+            if (variables := runbook.bind(task)) is None:
                 continue
-            if missing := _missing_tools(runbook, request):
+            if missing := _missing_tools(runbook, have):
                 lacking.append(_lacks(runbook, missing))
                 continue  # another runbook may do it with the tools this deployment has
             return runbook, variables
@@ -357,7 +389,7 @@ def _replan(runbook: Runbook, variables: Mapping[str, str], request: PlanRequest
     if failure is None:
         raise _NoPlan(f"runbook {runbook.name}: asked to re-plan without a failure")
     if failure.rejection_reason:
-        raise _NoPlan(_no_alternative(runbook, failure, failure.rejection_reason))
+        raise _Rejected(_no_alternative(runbook, failure, failure.rejection_reason))
     for rule in runbook.recover:
         found = rule.error.search(failure.error)
         if found is None:
@@ -384,9 +416,8 @@ def _replan(runbook: Runbook, variables: Mapping[str, str], request: PlanRequest
     raise _NoPlan(_no_alternative(runbook, failure, failure.error))
 
 
-def _missing_tools(runbook: Runbook, request: PlanRequest) -> list[str]:
+def _missing_tools(runbook: Runbook, have: Collection[str]) -> list[str]:
     """Tools the runbook's steps and recovery rules use that this deployment lacks."""
-    have = {tool.name for tool in request.tools}
     used = [step.tool for step in runbook.steps]
     used += [step.tool for rule in runbook.recover for step in rule.insert]
     return sorted({tool for tool in used if tool not in have})

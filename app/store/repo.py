@@ -489,8 +489,11 @@ class Tx:
         error: str | None,
         now: datetime,
         only_from: Sequence[RunStatus],
+        ended_by: str | None = None,
+        end_reason: str | None = None,
     ) -> int | None:
-        """Force a status (cancel, internal failure); returns the new tick or None."""
+        """Force a status (cancel, internal failure); returns the new tick or None.
+        A cancel says who (`ended_by`) and, if they gave one, why (`end_reason`)."""
         values: dict[str, Any] = {
             "status": status,
             "tick": runs.c.tick + 1,
@@ -502,6 +505,10 @@ class Tx:
             values["finished_at"] = now
         if error is not None:
             values["error"] = error
+        if ended_by is not None:
+            values["ended_by"] = ended_by
+        if end_reason is not None:
+            values["end_reason"] = end_reason
         tick = self.conn.execute(
             update(runs)
             .where(runs.c.id == run_id, runs.c.status.in_(only_from))

@@ -17,7 +17,8 @@ the tool does not take), 429 when rate limits are on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import wraps
 from typing import Any, TypeVar, cast
@@ -29,6 +30,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from app.engine import sanitize
 from app.errors import NotFound
 from app.service import Conflict, Forbidden, InvalidInput, RunView
+from app.service.inputs import Problem, Problems
 from app.service.permissions import Actor
 from app.store.accounts import User
 from app.store.records import RunRecord
@@ -44,9 +46,10 @@ _IDEMPOTENCY_KEY = TypeAdapter(schemas.IdempotencyKey)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, problems: Sequence[Problem] = ()) -> None:
         super().__init__(message)
         self.status = status
+        self.problems = list(problems)
 
 
 # --- declared operations ------------------------------------------------------------------
@@ -67,6 +70,9 @@ class Operation:
     errors: dict[int, str] = field(default_factory=dict)
     headers: tuple[dict[str, Any], ...] = ()
     links: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # For a body that breaks the document: what the service would refuse besides,
+    # given the body as parsed, so that one answer lists every problem.
+    also_refused: Callable[[dict[str, Any]], list[Problem]] | None = None
 
 
 OPERATIONS: dict[str, Operation] = {}
@@ -83,7 +89,7 @@ def operation(op: Operation) -> Callable[[ViewFn], ViewFn]:
         def wrapped(**kwargs: Any) -> ResponseReturnValue:
             kwargs["query"] = _query(op.query)
             if op.body is not None:
-                kwargs["body"] = _body(op.body, required=op.body_required)
+                kwargs["body"] = _body(op.body, required=op.body_required, also=op.also_refused)
             return view(**kwargs)
 
         return wrapped
@@ -123,13 +129,20 @@ def authenticate() -> ResponseReturnValue | None:
 
 @bp.errorhandler(ApiError)
 def api_error(error: ApiError) -> ResponseReturnValue:
-    return jsonify(error=str(error)), error.status
+    return _error(str(error), error.problems), error.status
 
 
 @bp.errorhandler(InvalidInput)
 def invalid_input(error: InvalidInput) -> ResponseReturnValue:
     # The request fits the document; the service refuses what it says.
-    return jsonify(error=str(error)), 422
+    return _error(str(error), error.problems if isinstance(error, Problems) else []), 422
+
+
+def _error(message: str, problems: Sequence[Problem]) -> Response:
+    """{"error": message}, and {"problems": [{"field", "message"}, …]} when listed."""
+    if not problems:
+        return jsonify(error=message)
+    return jsonify(error=message, problems=[asdict(p) for p in problems])
 
 
 @bp.errorhandler(NotFound)
@@ -165,9 +178,15 @@ def _query(model: type[M]) -> M:
         raise ApiError(400, schemas.describe(exc, what="query")) from None
 
 
-def _body(model: type[M], *, required: bool) -> M:
+def _body(
+    model: type[M],
+    *,
+    required: bool,
+    also: Callable[[dict[str, Any]], list[Problem]] | None = None,
+) -> M:
     """The body through `model` (strict; JSON parsed by pydantic, which refuses lone
-    surrogates, Infinity and NaN, and nesting past its recursion limit)."""
+    surrogates, Infinity and NaN, and nesting past its recursion limit). When it
+    breaks the document, `also` adds what else is wrong with it (see Operation)."""
     raw = request.get_data(cache=True)  # 413 past MAX_BODY_BYTES
     if not raw.strip() and not required:
         raw = b"{}"
@@ -177,7 +196,19 @@ def _body(model: type[M], *, required: bool) -> M:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise ApiError(400, schemas.describe(exc)) from None
+        found = schemas.problems(exc)
+        if also is not None and isinstance(parsed := _parsed(raw), dict):
+            flagged = {p.field for p in found}
+            found += [p for p in also(parsed) if p.field not in flagged]
+        raise ApiError(400, "; ".join(str(p) for p in found), found) from None
+
+
+def _parsed(raw: bytes) -> Any:
+    """`raw` as JSON, or None (too deep, not JSON: the document's problems say so)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _user() -> User:
@@ -209,6 +240,14 @@ def openapi() -> ResponseReturnValue:
     return jsonify(openapi_document(current_app, request.host_url.rstrip("/")))
 
 
+def _new_run_problems(body: dict[str, Any]) -> list[Problem]:
+    """What the service would refuse in a new-run body that breaks the document."""
+    task, config = body.get("task"), body.get("config")
+    return deps.service().run_problems(
+        task if isinstance(task, str) else "", config if isinstance(config, dict) else None
+    )
+
+
 @bp.post("/runs")
 @operation(
     Operation(
@@ -222,8 +261,11 @@ def openapi() -> ResponseReturnValue:
             409: "The Idempotency-Key was used for a different request",
             413: "The body is over 256 KiB",
             422: "The service refuses the run (e.g. an unknown tool in approval_required, "
-            "an approver no user answers to, a planner this deployment lacks)",
+            "an approver no user answers to, a planner this deployment lacks, a task no "
+            "runbook of the offline planner handles); `problems` lists every one. A 400 "
+            "for the body's shape lists these too",
         },
+        also_refused=_new_run_problems,
         headers=(
             {
                 "name": "Idempotency-Key",
@@ -338,7 +380,12 @@ def approve(run_id: str, *, query: schemas.NoQuery, body: schemas.Approve) -> Re
         "api.reject",
         "rejectRun",
         "Reject the waiting step",
-        (200, schemas.Run, "The run, re-planning around the reason"),
+        (
+            200,
+            schemas.Run,
+            "The run: re-planning around the reason, or rejected when the "
+            "planner has no other way (ended_by, end_reason)",
+        ),
         body=schemas.Reject,
         errors=DECISION_ERRORS,
     )
@@ -357,6 +404,8 @@ def reject(run_id: str, *, query: schemas.NoQuery, body: schemas.Reject) -> Resp
         "cancelRun",
         "Cancel an active run",
         (200, schemas.Run, "The cancelled run"),
+        body=schemas.Cancel,
+        body_required=False,
         errors={
             **RUN_ERRORS,
             403: "Only the run's creator (an operator) or an admin may cancel it",
@@ -364,8 +413,8 @@ def reject(run_id: str, *, query: schemas.NoQuery, body: schemas.Reject) -> Resp
         },
     )
 )
-def cancel(run_id: str, *, query: schemas.NoQuery) -> ResponseReturnValue:
-    deps.service().cancel(run_id, by=_actor())
+def cancel(run_id: str, *, query: schemas.NoQuery, body: schemas.Cancel) -> ResponseReturnValue:
+    deps.service().cancel(run_id, by=_actor(), reason=body.reason)
     return _state(run_id)
 
 

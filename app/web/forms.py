@@ -1,18 +1,20 @@
-"""Forms: CSRF through flask-wtf; the run's options are validated by RunConfig
-itself, and its messages are shown next to the field they concern."""
+"""Forms: CSRF through flask-wtf; a new run is validated by the service (RunConfig,
+tools, approvers, the planner), and each of its problems is shown next to the field
+it concerns — all of them at once."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from flask_wtf import FlaskForm
-from pydantic import ValidationError
 from wtforms import HiddenField, SelectField, StringField, TextAreaField
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import Length
 
 from app.engine.models import DEFAULT_APPROVAL_REQUIRED, MAX_TASK_CHARS, RunConfig
+from app.service.inputs import Problem
 
 # Form field -> where its value goes in RunConfig.
 CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
@@ -30,10 +32,12 @@ DEFAULTS = RunConfig()
 
 
 class NewRunForm(FlaskForm):  # type: ignore[misc]
+    # No validators of its own: the service checks the task with everything else, so
+    # every problem is reported at once.
     task = TextAreaField(
         "Task",
         description="What the agent should do, in plain words.",
-        validators=[Length(max=MAX_TASK_CHARS)],
+        render_kw={"maxlength": MAX_TASK_CHARS},
     )
     planner = SelectField(
         "Planner",
@@ -77,27 +81,30 @@ class NewRunForm(FlaskForm):  # type: ignore[misc]
             target[path[-1]] = value
         return config
 
-    def check_config(self) -> RunConfig | None:
-        """RunConfig from the fields, or None with each problem put on its field."""
-        try:
-            return RunConfig.model_validate(self.config())
-        except ValidationError as exc:
-            for error in exc.errors():
-                self.field_for(tuple(str(p) for p in error["loc"])).errors.append(
-                    _message(error["msg"])
-                )
-            return None
+    def show(self, problems: Sequence[Problem]) -> None:
+        """Each problem next to the field it concerns; a field the form's own checks
+        already flagged keeps only those messages (not the same fault twice)."""
+        flagged = {name for name, field in self._fields.items() if field.errors}
+        for problem in problems:
+            field = self.field_for(problem.field)
+            if field.name not in flagged:
+                field.errors.append(problem.message)
 
-    def field_for(self, loc: tuple[str, ...]) -> Any:
-        for name, path in CONFIG_FIELDS.items():
-            if loc[: len(path)] == path:
+    def problems(self) -> list[tuple[Any, str]]:
+        """(field, message) for every problem on the form, in the order of the fields."""
+        return [(f, message) for f in self if f.name != "csrf_token" for message in f.errors]
+
+    def field_for(self, path: str) -> Any:
+        """The field a Problem's path ("task", "config.retry_policy.base") is about."""
+        head, _, rest = path.partition(".")
+        if head != "config":
+            return self.task
+        loc = tuple(rest.split(".")) if rest else ()
+        for name, config_path in CONFIG_FIELDS.items():
+            if loc[: len(config_path)] == config_path:
                 return getattr(self, name)
         # A check across the retry fields (the cap below the first backoff).
         return self.retry_max_backoff if loc[:1] == ("retry_policy",) else self.task
-
-
-def _message(msg: str) -> str:
-    return msg.removeprefix("Value error, ")
 
 
 class DecisionForm(FlaskForm):  # type: ignore[misc]

@@ -13,6 +13,7 @@ from typing import Any
 
 from app.engine.models import PauseKind, Step, StepStatus
 from app.store.records import ApprovalRecord, EventRecord, RunRecord
+from app.timeline import format_outcome
 
 SHORT_CHARS = 90
 
@@ -54,7 +55,9 @@ def _span(delta: Any) -> str:
 
 def outcome_preview(run: RunRecord) -> str:
     """One line of how a run ended, for the runs list: its error, or else the first
-    line of its report."""
+    line of its report; for a run a person's decision ended, who and why."""
+    if outcome := format_outcome(run):
+        return short(outcome)
     if run.error:
         return short(run.error)
     first = next((line for line in (run.report or "").splitlines() if line.strip()), "")

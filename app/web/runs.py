@@ -22,7 +22,9 @@ from flask.typing import ResponseReturnValue
 from app import stall, timeline
 from app.engine.models import Decision, PauseKind, RunStatus
 from app.errors import NotFound
+from app.planner.factory import OFFLINE
 from app.service import Conflict, Forbidden, InvalidInput, RunView
+from app.service.inputs import Problems
 from app.service.permissions import Actor
 from app.service.retention import parse_since
 from app.store.accounts import User
@@ -171,31 +173,25 @@ def index_live() -> ResponseReturnValue:
 @bp.route("/runs/new", methods=["GET", "POST"])
 @login_required
 def new() -> ResponseReturnValue:
+    """The new-run form. A submit is checked whole by the service: every problem is
+    shown at once, each next to its field and all in a list above the form."""
     form = NewRunForm()
-    if form.validate_on_submit():
-        config = form.check_config()
-        if config is not None:
-            try:
-                run_id = deps.service().create_run(
-                    form.task.data or "", config=config, created_by=_actor()
-                )
-            except Forbidden as exc:
-                abort(403, str(exc))
-            except InvalidInput as exc:
-                _field_for_problem(form, str(exc)).errors.append(str(exc))
-            else:
-                return redirect(url_for("runs.show", run_id=run_id))
-    status = 400 if form.is_submitted() else 200
-    return render_template("runs/new.html", form=form), status
-
-
-def _field_for_problem(form: NewRunForm, message: str) -> Any:
-    """The field an InvalidInput from the service is about."""
-    if message.startswith("approval_required"):
-        return form.approval_required
-    if "planner" in message or "API key" in message:
-        return form.planner
-    return form.task
+    if not form.is_submitted():
+        return render_template("runs/new.html", form=form, problems=[])
+    service = deps.service()
+    task, config = form.task.data or "", form.config()
+    try:
+        if form.validate():
+            run_id = service.create_run(task, config=config, created_by=_actor())
+            return redirect(url_for("runs.show", run_id=run_id))
+        form.show(service.run_problems(task, config))  # besides the form's own
+    except Forbidden as exc:
+        abort(403, str(exc))
+    except Problems as exc:
+        form.show(exc.problems)
+    except InvalidInput as exc:
+        form.task.errors.append(str(exc))
+    return render_template("runs/new.html", form=form, problems=form.problems()), 400
 
 
 @bp.get("/runs/<run_id>")
@@ -261,8 +257,29 @@ def decide(run_id: str) -> ResponseReturnValue:
     except NotFound:
         abort(404, "There is no such approval waiting on this run.")
     else:
-        flash(f"Decision recorded: {form.action.data}. The run resumes.")
+        flash(_what_happens(form.action.data or "", view.run.planner))
     return back
+
+
+def _what_happens(action: str, planner: str) -> str:
+    """The flash after a decision: what was recorded, and what the run does next."""
+    if action == "reject":
+        if planner == OFFLINE:  # a runbook has no way around a rejected step
+            return (
+                "Decision recorded: rejected. The offline planner's runbook has no other way "
+                "to do the task, so the run ends as rejected."
+            )
+        return (
+            "Decision recorded: rejected. The agent re-plans around your reason; if it finds "
+            "no other way, the run ends as rejected."
+        )
+    next_step = {
+        "approve": "the step runs",
+        "retry": "the step runs again",
+        "skip": "the run goes on without the step",
+        "mark_done": "the run goes on as if the step had completed",
+    }
+    return f"Decision recorded: {action}; {next_step.get(action, 'the run goes on')}."
 
 
 def _apply_decision(run_id: str, form: DecisionForm, view: RunView) -> None:

@@ -38,7 +38,7 @@ from app.engine.models import (
     RunStatus,
     Step,
 )
-from app.service.inputs import MAX_IDEMPOTENCY_KEY_CHARS, MAX_RUN_ID_CHARS
+from app.service.inputs import MAX_IDEMPOTENCY_KEY_CHARS, MAX_RUN_ID_CHARS, Problem
 
 # Strings the database can hold: no NUL (lone surrogates never get past the parser).
 NO_NUL = r"^[^\x00]*$"
@@ -51,6 +51,8 @@ MAX_EVENT_ID = 2**53 - 1
 # JSON bodies: far more than any request needs (a task is at most 10,000 characters).
 MAX_BODY_BYTES = 256 * 1024
 MAX_ARGS_DEPTH = sanitize.MAX_DEPTH
+# A request's problems listed in one answer: every one a person could make, and a bound.
+MAX_PROBLEMS = 50
 
 Text = Annotated[str, StringConstraints(pattern=NO_NUL)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=NO_NUL)]
@@ -182,6 +184,14 @@ class Reject(BaseModel):
     )
 
 
+class Cancel(BaseModel):
+    """Cancel the run; optionally say why (kept with who cancelled it)."""
+
+    model_config = REQUEST
+
+    reason: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS, pattern=NO_NUL)] = ""
+
+
 # --- query parameters -------------------------------------------------------------------
 
 _INTEGER = re.compile(r"-?[0-9]{1,20}")
@@ -223,8 +233,20 @@ class EventsQuery(BaseModel):
 # --- responses ---------------------------------------------------------------------------
 
 
+class ProblemOut(BaseModel):
+    """One thing wrong with a request."""
+
+    field: str = Field(description='Where, as a dotted path: "task", "config.timeout"')
+    message: str = Field(description="What is wrong, in words")
+
+
 class Error(BaseModel):
     error: str = Field(description="What went wrong, naming the field when one is wrong")
+    problems: list[ProblemOut] | None = Field(
+        None,
+        description="Creating a run: every problem of the request at once, the document's "
+        "(400) and the service's (422) alike",
+    )
 
 
 class Run(BaseModel):
@@ -242,7 +264,11 @@ class Run(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     report: str | None
-    error: str | None
+    error: str | None = Field(description="What went wrong, for a failed run")
+    ended_by: str | None = Field(
+        description="Who ended the run by a decision (status rejected or cancelled)"
+    )
+    end_reason: str | None = Field(description="Why, in their words (None: not given)")
     url: str = Field(description="The run's page")
 
 
@@ -286,26 +312,26 @@ class EventPage(BaseModel):
 # --- errors ------------------------------------------------------------------------------
 
 
+def problems(exc: ValidationError, *, what: str = "body") -> list[Problem]:
+    """A ValidationError as Problems, each naming its field, e.g. config.max_iterations:
+    "Input should be less than or equal to 10000" (at most MAX_PROBLEMS of them)."""
+    return [_problem(error, what) for error in exc.errors(include_url=False)[:MAX_PROBLEMS]]
+
+
+def _problem(error: Any, what: str) -> Problem:
+    place = ".".join(sanitize.scrub_text(str(p))[:80] for p in error["loc"]) or what
+    if error["type"] == "extra_forbidden":
+        return Problem(place, "unknown field")
+    if error["type"] == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == NO_NUL:
+        return Problem(place, "must not contain a NUL character (\\u0000)")
+    if error["type"] == "json_invalid":
+        return Problem(what, f"not valid JSON: {error['msg'].removeprefix('Invalid JSON: ')}")
+    return Problem(place, str(error["msg"]))
+
+
 def describe(exc: ValidationError, *, what: str = "body") -> str:
-    """A ValidationError as one line naming each field, e.g.
-    "config.max_iterations: Input should be less than or equal to 10000"."""
-    parts = []
-    for error in exc.errors(include_url=False)[:5]:
-        place = ".".join(sanitize.scrub_text(str(p))[:80] for p in error["loc"]) or what
-        if error["type"] == "extra_forbidden":
-            parts.append(f"{place}: unknown field")
-        elif (
-            error["type"] == "string_pattern_mismatch"
-            and error.get("ctx", {}).get("pattern") == NO_NUL
-        ):
-            parts.append(f"{place}: must not contain a NUL character (\\u0000)")
-        elif error["type"] == "json_invalid":
-            parts.append(
-                f"the {what} is not valid JSON: {error['msg'].removeprefix('Invalid JSON: ')}"
-            )
-        else:
-            parts.append(f"{place}: {error['msg']}")
-    return "; ".join(parts)
+    """A ValidationError as one line naming each field (the first five)."""
+    return "; ".join(str(p) for p in problems(exc, what=what)[:5])
 
 
 def depth(value: Any) -> int:
