@@ -14,6 +14,7 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from flask.testing import FlaskClient
 
 from app.cli import main
 from app.engine.actions import PlanProduced
@@ -23,6 +24,8 @@ from app.service import Conflict, Forbidden, InvalidInput
 from app.service.permissions import Actor
 from app.store.accounts import Role
 from tests.support.fixtures import Harness
+from tests.support.web import csrf_token, sign_in
+from tests.test_web_api import api  # noqa: F401  (the bearer-token client fixture)
 
 
 def plan(*planned: tuple[str, str, dict]) -> PlanProduced:
@@ -298,3 +301,98 @@ def test_cli_replay_prints_each_iterations_decisions(cli: CliRunner, harness: Ha
 
     missing = cli.invoke(main, ["replay", "missing"])
     assert missing.exit_code == 2 and "no run with id 'missing'" in missing.output
+
+
+# --- the run page and the API ----------------------------------------------------------
+
+
+def test_the_page_forks_from_a_completed_step_and_shows_the_lineage(
+    signed_in: FlaskClient, harness: Harness
+):
+    parent = finished_parent(harness)
+    page = signed_in.get(f"/runs/{parent}").text
+    buttons = re.findall(r'name="from_step" value="(\d+)"[^>]*>Fork from here', page)
+    assert buttons == ["1", "2", "3", "4"]  # one per completed step
+    assert 'id="lineage"' not in page  # neither forked nor forked from
+
+    token = csrf_token(page)
+    refused = signed_in.post(f"/runs/{parent}/fork", data={"from_step": "2"})  # no CSRF token
+    assert refused.status_code in (302, 400)
+    assert harness.service.lineage(parent).forks == []
+
+    made = signed_in.post(
+        f"/runs/{parent}/fork",
+        data={"csrf_token": token, "from_step": "2", "instruction": "try again"},
+    )
+    assert made.status_code == 302
+    fork = made.headers["Location"].rsplit("/", 1)[-1]
+    assert harness.service.lineage(parent).forks[0].id == fork
+    shown = signed_in.get(f"/runs/{fork}").text
+    assert "Forked from step 2 of run" in shown  # the flash
+    lineage = re.search(r'<section id="lineage".*?</section>', shown, re.S)
+    assert lineage is not None
+    assert f'href="/runs/{parent}"' in lineage.group(0) and "at step 2" in lineage.group(0)
+    back = re.search(
+        r'<section id="lineage".*?</section>', signed_in.get(f"/runs/{parent}").text, re.S
+    )
+    assert back is not None and f'href="/runs/{fork}"' in back.group(0)
+    assert "(from step 2, queued)" in " ".join(back.group(0).split())
+
+    out_of_range = signed_in.post(
+        f"/runs/{parent}/fork", data={"csrf_token": token, "from_step": "7"}
+    )
+    assert out_of_range.status_code == 302
+    assert "Not forked: the run has no step 7" in signed_in.get(f"/runs/{parent}").text
+    assert (
+        signed_in.post("/runs/nope/fork", data={"csrf_token": token, "from_step": "1"}).status_code
+        == 404
+    )
+
+
+def test_a_viewer_sees_no_fork_button_and_may_not_fork(
+    client: FlaskClient, harness: Harness, make_user
+):
+    parent = finished_parent(harness)
+    viewer = make_user("viewer", role=Role.VIEWER)
+    sign_in(client, viewer)
+    page = client.get(f"/runs/{parent}").text
+    assert "Fork from here" not in page
+    response = client.post(
+        f"/runs/{parent}/fork", data={"csrf_token": csrf_token(page), "from_step": "1"}
+    )
+    assert response.status_code == 403
+    assert harness.service.lineage(parent).forks == []
+
+
+def test_the_api_forks_and_shows_lineage(api, harness: Harness, user):  # noqa: F811
+    parent = finished_parent(harness)
+    harness.planner.script = [plan(*PARENT_PLAN)]
+    paused = harness.service.create_run("paused for the api")
+    harness.drain()
+    made = api("POST", f"/api/runs/{parent}/fork", {"from_step": 3, "instruction": "again"})
+    assert made.status_code == 201, made.json
+    fork = made.json
+    assert (fork["parent_run_id"], fork["forked_from_step"]) == (parent, 3)
+    assert fork["status"] == "queued" and fork["created_by"] == user.name
+    assert made.headers["Location"] == f"/api/runs/{fork['id']}"
+    shown = api("GET", f"/api/runs/{parent}").json
+    assert shown["forks"] == [fork["id"]] and shown["parent_run_id"] is None
+    assert [s["position"] for s in api("GET", f"/api/runs/{fork['id']}").json["steps"]] == [1, 2, 3]
+
+    for body, status, says in (
+        ({"from_step": 9}, 422, "the run has no step 9"),
+        ({"from_step": 0}, 400, "from_step"),
+        ({"from_step": "2"}, 400, "from_step"),
+        ({}, 400, "from_step"),
+        ({"from_step": 1, "extra": 1}, 400, "extra: unknown field"),
+    ):
+        answer = api("POST", f"/api/runs/{parent}/fork", body)
+        assert answer.status_code == status, (body, answer.json)
+        assert says in answer.json["error"]
+    missing = api("POST", "/api/runs/nope/fork", {"from_step": 1})
+    assert missing.status_code == 404
+
+    conflict = api("POST", f"/api/runs/{paused}/fork", {"from_step": 3})
+    assert conflict.status_code == 409 and "did not complete" in conflict.json["error"]
+    document = api("GET", "/api/openapi.json").json
+    assert "forkRun" in json.dumps(document["paths"]["/api/runs/{run_id}/fork"])

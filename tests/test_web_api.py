@@ -36,7 +36,8 @@ def paused(harness: Harness, tool: str = "noop", **config) -> str:
     ("method", "path"),
     [("GET", "/api/runs"), ("POST", "/api/runs"), ("GET", "/api/runs/x"),
      ("GET", "/api/runs/x/events"), ("POST", "/api/runs/x/approve"),
-     ("POST", "/api/runs/x/reject"), ("POST", "/api/runs/x/cancel")],
+     ("POST", "/api/runs/x/reject"), ("POST", "/api/runs/x/cancel"),
+     ("POST", "/api/runs/x/fork")],
 )  # fmt: skip
 def test_every_endpoint_needs_a_bearer_token(client: FlaskClient, method: str, path: str):
     for headers in ({}, {"Authorization": "Bearer al_wrong"}, {"Authorization": "Basic eDp5"}):
@@ -324,6 +325,7 @@ def test_the_openapi_document_describes_every_endpoint(client: FlaskClient):
     assert set(doc["paths"]) == {
         "/api/runs", "/api/runs/{run_id}", "/api/runs/{run_id}/events",
         "/api/runs/{run_id}/approve", "/api/runs/{run_id}/reject", "/api/runs/{run_id}/cancel",
+        "/api/runs/{run_id}/fork",
     }  # fmt: skip
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     refs = _refs(doc)

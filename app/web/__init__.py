@@ -16,7 +16,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import logs, tracing
 from app.config import ConfigError, load_settings
-from app.web import admin, api, approvals, auth, health, metrics, runs, security
+from app.web import admin, api, approvals, auth, fork, health, metrics, runs, security
 from app.web.deps import Deps, present_filters
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     security.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(runs.bp)
+    app.register_blueprint(fork.bp)  # time travel: fork from a step, lineage
     app.register_blueprint(approvals.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(api.bp)

@@ -331,7 +331,9 @@ def index(*, query: schemas.RunsQuery) -> ResponseReturnValue:
     )
 )
 def show(run_id: str, *, query: schemas.NoQuery) -> ResponseReturnValue:
-    return jsonify(view_json(deps.service().status(run_id)))
+    service = deps.service()
+    view = service.status(run_id)
+    return jsonify(view_json(view, forks=[f.id for f in service.lineage(run_id).forks]))
 
 
 @bp.get("/runs/<run_id>/events")
@@ -418,6 +420,36 @@ def cancel(run_id: str, *, query: schemas.NoQuery, body: schemas.Cancel) -> Resp
     return _state(run_id)
 
 
+@bp.post("/runs/<run_id>/fork")
+@operation(
+    Operation(
+        "api.fork",
+        "forkRun",
+        "Fork the run from a completed step (time travel)",
+        (201, schemas.Run, "The new run, queued to plan what follows step N"),
+        body=schemas.ForkRun,
+        errors={
+            **RUN_ERRORS,
+            403: "Forking takes the operator role, as creating a run does",
+            409: "Step N did not complete",
+            413: "The body is over 256 KiB",
+            422: "The run has no step N (or the instruction makes the task too long)",
+        },
+        links={
+            "GetFork": {"operationId": "getRun", "parameters": {"run_id": "$response.body#/id"}},
+        },
+    )
+)
+def fork(run_id: str, *, query: schemas.NoQuery, body: schemas.ForkRun) -> ResponseReturnValue:
+    fork_id = deps.service().fork_run(
+        run_id, from_step=body.from_step, by=_actor(), instruction=body.instruction
+    )
+    response: Response = jsonify(_run(deps.service().status(fork_id).run))
+    response.status_code = 201
+    response.headers["Location"] = url_for("api.show", run_id=fork_id)
+    return response
+
+
 # --- responses ----------------------------------------------------------------------------
 
 
@@ -441,7 +473,7 @@ def _run(run: RunRecord) -> dict[str, Any]:
     return _run_model(run).model_dump(mode="json")
 
 
-def view_json(view: RunView) -> dict[str, Any]:
+def view_json(view: RunView, *, forks: list[str]) -> dict[str, Any]:
     pending = view.pending_approval
     detail = schemas.RunDetail.model_validate(
         {
@@ -451,6 +483,7 @@ def view_json(view: RunView) -> dict[str, Any]:
             if pending is None
             else schemas.PendingApproval.model_validate(pending, from_attributes=True),
             "last_event": view.events[-1].id if view.events else 0,
+            "forks": forks,
         }
     )
     return detail.model_dump(mode="json")

@@ -38,6 +38,7 @@ from app.engine.models import (
     RunStatus,
     Step,
 )
+from app.service.fork import MAX_INSTRUCTION_CHARS
 from app.service.inputs import MAX_IDEMPOTENCY_KEY_CHARS, MAX_RUN_ID_CHARS, Problem
 
 # Strings the database can hold: no NUL (lone surrogates never get past the parser).
@@ -192,6 +193,21 @@ class Cancel(BaseModel):
     reason: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS, pattern=NO_NUL)] = ""
 
 
+class ForkRun(BaseModel):
+    """Fork the run from one of its completed steps (time travel)."""
+
+    model_config = REQUEST
+
+    from_step: Annotated[int, Field(ge=1, le=2**31 - 1), BeforeValidator(_json_integer)] = Field(
+        description="N, the step's number as the run shows it (its position): the fork "
+        "keeps steps 1 to N as they ended and plans what follows. 422 when the run has "
+        "no step N, 409 when step N did not complete."
+    )
+    instruction: (
+        Annotated[str, StringConstraints(max_length=MAX_INSTRUCTION_CHARS, pattern=NO_NUL)] | None
+    ) = Field(None, description="Added to the task for the fork's planner")
+
+
 # --- query parameters -------------------------------------------------------------------
 
 _INTEGER = re.compile(r"-?[0-9]{1,20}")
@@ -254,6 +270,8 @@ class Run(BaseModel):
     task: str
     status: RunStatus
     planner: str
+    parent_run_id: str | None = Field(description="The run this one was forked from")
+    forked_from_step: int | None = Field(description="The parent's step it was forked from")
     config: dict[str, Any]
     iteration: int
     plan_version: int
@@ -284,6 +302,7 @@ class RunDetail(Run):
     steps: list[Step]
     pending_approval: PendingApproval | None
     last_event: int
+    forks: list[str] = Field(description="Ids of the runs forked from this one, oldest first")
 
 
 class RunPage(BaseModel):
