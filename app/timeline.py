@@ -163,7 +163,9 @@ def waterfall(
     steps: list[Step], step_events: list[EventRecord], *, start: datetime, end: datetime
 ) -> Waterfall:
     """Each step's attempts, backoff waits and waits for a person on one time axis
-    from `start` (the run's creation) to `end` (its end, or now)."""
+    from `start` (the run's creation) to `end` (its end, or now). The axis reaches
+    the newest event even when this machine's clock is behind the worker's."""
+    end = max([end, *(e.created_at for e in step_events)])
     by_step: dict[int, list[EventRecord]] = defaultdict(list)
     for event in step_events:
         if event.step_id is not None:
