@@ -151,6 +151,15 @@ class WaterfallRow:
     step: Step
     bars: list[Bar]
 
+    @property
+    def started_at(self) -> datetime | None:
+        """When the step's first shown attempt or wait began (None before any)."""
+        return self.bars[0].start if self.bars else None
+
+    @property
+    def ended_at(self) -> datetime | None:
+        return max(bar.end for bar in self.bars) if self.bars else None
+
 
 @dataclass(frozen=True)
 class Waterfall:

@@ -201,6 +201,8 @@ def test_the_waterfall_shows_attempts_backoff_and_waits(signed_in, harness: Harn
     wait = next((float(x), float(w)) for kind, x, w in bars if kind == "wait")
     assert wait[0] + wait[1] == pytest.approx(timeline.AXIS, abs=0.2)  # it runs until now
     assert "style=" not in waterfall  # the CSP allows no style attributes
+    spans = re.findall(r'<span class="wf-dur">([^<]+)</span>', waterfall)
+    assert spans == ["2.0 s", "30.0 s"]  # flaky: a failure and its backoff; noop: the wait
 
 
 def test_bars_from_a_steps_events():
