@@ -159,10 +159,29 @@
     window.setTimeout(poll, pause);
   }
 
+  // A flash about the decision just made ("The run resumes.") stops being true
+  // when the live page sees the run end: take it away then.
+  function dropFlashesWhenTheRunEnds(run) {
+    var observer = new MutationObserver(function () {
+      var status = run.getAttribute("data-status");
+      if (["queued", "running", "paused"].indexOf(status) === -1) {
+        document.querySelectorAll(".flash:not(.flash-error)").forEach(function (flash) {
+          flash.remove();
+        });
+        observer.disconnect();
+      }
+    });
+    observer.observe(run, { attributes: true, attributeFilter: ["data-status"] });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     var root = document.getElementById("runs-list");
     if (root) {
       followList(root);
+    }
+    var run = document.getElementById("run");
+    if (run && run.getAttribute("data-active") === "1") {
+      dropFlashesWhenTheRunEnds(run);
     }
   });
 })();
