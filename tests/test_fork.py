@@ -43,12 +43,14 @@ PARENT_PLAN = (
 )
 
 
-def effects(harness: Harness, run_id: str) -> list[str]:
-    """What the test tools really did in the run's workspace, in order."""
+def effects(harness: Harness, run_id: str, *, by: str | None = None) -> list[str]:
+    """What the test tools really did, as the run's workspace records it, in order;
+    with `by`, only what that run did (its idempotency keys name it)."""
     log = harness.service.workspaces / run_id / "effects.log"
     if not log.exists():
         return []
-    return [line for line in log.read_text().splitlines() if not line.startswith("start")]
+    done = [line for line in log.read_text().splitlines() if not line.startswith("start")]
+    return [line for line in done if by is None or f" {by}:" in line]
 
 
 def finished_parent(harness: Harness) -> str:
@@ -90,13 +92,14 @@ def test_a_fork_re_executes_only_the_steps_after_n_and_asks_every_approval_again
     assert view.pending_approval is not None
     waiting = next(s for s in view.steps if s.id == view.pending_approval.step_id)
     assert (waiting.position, waiting.tool) == (3, "delete")
-    assert effects(harness, fork) == []  # nothing of steps 1-2 ran again
+    assert effects(harness, fork, by=fork) == []  # nothing of steps 1-2 ran again
+    assert effects(harness, fork) == parent_effects  # the parent's workspace, copied
 
     harness.service.approve(fork, by="ann")
     harness.drain()
     view = harness.service.status(fork)
     assert view.run.status == RunStatus.COMPLETED
-    assert effects(harness, fork) == [
+    assert effects(harness, fork, by=fork) == [
         f"delete build/old {fork}:v2:p3",
         f"effect {fork}:v2:p4",
     ]
@@ -215,7 +218,7 @@ def test_the_instruction_goes_to_the_planner_with_the_task(harness: Harness):
         "time travel parent\n\nInstruction for this fork (from step 4): also tag the release"
     )
     assert harness.service.status(fork).run.status == RunStatus.COMPLETED
-    assert effects(harness, fork) == []  # step 4 was the last: nothing left to run
+    assert effects(harness, fork, by=fork) == []  # step 4 was the last: nothing to run
 
 
 def test_lineage_links_parent_and_forks(harness: Harness):
@@ -396,3 +399,45 @@ def test_the_api_forks_and_shows_lineage(api, harness: Harness, user):  # noqa: 
     assert conflict.status_code == 409 and "did not complete" in conflict.json["error"]
     document = api("GET", "/api/openapi.json").json
     assert "forkRun" in json.dumps(document["paths"]["/api/runs/{run_id}/fork"])
+
+
+# --- end to end: a real worker --------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_fork_of_the_deploy_scenario_through_a_real_worker(start_worker, live_service):
+    """The demo's deploy (PR 42, a missing env var set by set_env, approvals) forked
+    right after set_env: checkout and build never run again, the context keeps the
+    variable, and the deploy asks for approval again before it runs."""
+    from app.demo import DEMO_CONFIG, DEMO_TASK
+    from tests.support.fixtures import wait_until
+
+    def settled(run_id: str):
+        wait_until(
+            lambda: live_service.status(run_id).run.status in ("paused", "completed", "failed"),
+            timeout=90,
+            what=f"run {run_id} to pause or end",
+        )
+        return live_service.status(run_id)
+
+    start_worker(env={"AGENTLOOP_RUNBOOKS_DIR": ""})
+    parent = live_service.create_run(DEMO_TASK, config=DEMO_CONFIG, created_by="e2e")
+    while (view := settled(parent)).run.status == RunStatus.PAUSED:
+        live_service.approve(parent, by="e2e")
+    assert view.run.status == RunStatus.COMPLETED, view.run.error
+    set_env = next(s for s in view.steps if s.tool == "set_env")
+
+    fork = live_service.fork_run(parent, from_step=set_env.position, by="e2e")
+    paused = settled(fork)
+    assert paused.run.status == RunStatus.PAUSED
+    waiting = next(s for s in paused.steps if s.id == paused.pending_approval.step_id)
+    assert waiting.tool == "deploy" and waiting.position > set_env.position
+    assert "STAGING_DATABASE_URL" in paused.run.context
+    live_service.approve(fork, by="e2e")
+    done = settled(fork)
+    assert done.run.status == RunStatus.COMPLETED, done.run.error
+    mark = next(i for i, e in enumerate(done.events) if e.message.startswith("forked by e2e"))
+    ran = [e.data["tool"] for e in done.events[mark:] if e.kind == "tool_call"]
+    # Only what follows set_env (run_tests may take a retry: its fixture cache is cold).
+    assert list(dict.fromkeys(ran)) == ["deploy", "run_tests", "report"]
+    assert done.run.report and "PR #42" in done.run.report

@@ -6,6 +6,8 @@ means: app/engine/lineage.py). It keeps, copied into the new run:
   context exactly as it was right after step N;
 - the parent's events up to the last one about step N, so the timeline and the
   planner's memory read as the parent's did then;
+- the parent's workspace files, copied (they are not kept per step, so the copy
+  is the workspace as the parent has it when the fork is made);
 - what the parent had spent by then: iterations, re-plans, tokens and cost. The
   fork continues the parent's story, so max_iterations, max_replans and the
   budgets count from where the parent was at step N, as if it had continued from
@@ -22,8 +24,10 @@ after N asks again even though someone approved it in the parent.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from secrets import token_hex
 from typing import Any
 
@@ -85,15 +89,36 @@ class Forks(ServiceBase):
                 f"the instruction is {len(note)} characters; the limit is {MAX_INSTRUCTION_CHARS}"
             )
         fork_id = token_hex(8)
-        now = self.clock()
         with self.store.transaction() as tx:
             parent = tx.get_run(self._known_id(run_id))
             point = _point(tx, run_id, from_step)
             last = tx.last_event_of_step(run_id, point.step.id)
             history = [] if last is None else tx.events_through(run_id, last)
-            task = _forked_task(parent.task, from_step, note)
+        task = _forked_task(parent.task, from_step, note)
+        workspace = self._copy_workspace(parent.id, fork_id)
+        try:
+            self._store_fork(fork_id, parent, point, history, task, who, note)
+        except BaseException:
+            shutil.rmtree(workspace, ignore_errors=True)
+            raise
+        self._publish(fork_id, 0, 0)
+        return fork_id
+
+    def _store_fork(
+        self,
+        fork_id: str,
+        parent: RunRecord,
+        point: ForkPoint,
+        history: list[EventRecord],
+        task: str,
+        who: str,
+        note: str,
+    ) -> None:
+        """The fork's run, its copy of the history, and a note in both timelines."""
+        now = self.clock()
+        with self.store.transaction() as tx:
             tx.insert_run_row(_fork_row(fork_id, parent, point, history, task, who, now))
-            new_ids = _copy_steps(tx, parent.id, fork_id, from_step)
+            new_ids = _copy_steps(tx, parent.id, fork_id, point.position)
             tx.insert_event_rows([_copied(e, fork_id, new_ids) for e in history])
             tx.insert_events(
                 fork_id, _first_iteration(history), [_fork_event(parent, point, who, note)], now
@@ -104,14 +129,22 @@ class Forks(ServiceBase):
                 [
                     NewEvent(
                         kind=EventKind.STATUS,
-                        message=f"forked by {who} at step {from_step} into run {fork_id}",
-                        data={"fork": fork_id, "from_step": from_step},
+                        message=f"forked by {who} at step {point.position} into run {fork_id}",
+                        data={"fork": fork_id, "from_step": point.position},
                     )
                 ],
                 now,
             )
-        self._publish(fork_id, 0, 0)
-        return fork_id
+
+    def _copy_workspace(self, parent_id: str, fork_id: str) -> Path:
+        """The fork's workspace: a copy of the parent's files (a checkout, a build), so
+        that steps after N find what steps through N left. Files are not kept per step:
+        the copy is the workspace as the parent has it now, later steps' files
+        included. Like prune, it assumes the workers share AGENTLOOP_DATA_DIR."""
+        source, target = self.workspaces / parent_id, self.workspaces / fork_id
+        if source.is_dir():
+            shutil.copytree(source, target, symlinks=True)
+        return target
 
     def lineage(self, run_id: str) -> Lineage:
         """The run's parent (if it was forked) and its forks. Raises NotFound."""
