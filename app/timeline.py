@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from itertools import takewhile
 
-from app.engine.models import RunStatus, Step
+from app.engine.models import DECISION_STATUSES, Step
 from app.store.records import EventRecord, RunRecord
 from app.store.repo import Store
 
@@ -25,8 +25,6 @@ STYLE = {
     "status": ("STATUS", "\033[1m"),
 }
 RESET = "\033[0m"
-# Statuses a person's decision ends a run in (RunStatus.is_decision).
-DECIDED = {status.value for status in RunStatus if status.is_decision}
 
 
 def format_event(event: EventRecord, *, color: bool = False) -> str:
@@ -61,7 +59,7 @@ def format_run_header(run: RunRecord) -> str:
 def format_outcome(run: RunRecord) -> str | None:
     """How a run a person's decision ended reads (who, why), or None for any other:
     a decision, never shown as an error."""
-    if run.status not in DECIDED:
+    if run.status not in DECISION_STATUSES:
         return None
     why = run.end_reason or "no reason given"
     return f"{run.status} by {run.ended_by or 'a person'}: {why} (a decision, not a failure)"

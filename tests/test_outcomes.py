@@ -24,6 +24,7 @@ from app.engine.models import (
 )
 from app.notify import deliver
 from app.service import Notice
+from app.service.export import export_markdown
 from app.store.accounts import User
 from tests.support.fixtures import Harness
 from tests.support.web import Mailbox, Webhook, body_of, csrf_token, paused_run
@@ -233,3 +234,29 @@ def test_the_emails_and_slack_tell_a_decision(mailbox: Mailbox, slack: Webhook, 
     assert "cancelled by bob" in mail["Subject"]
     assert "Their reason: wrong PR" in body_of(mail, "plain")
     assert "Reason: wrong PR" in slack.payloads[-1]["text"]
+
+
+def test_export_and_import_keep_the_outcome(harness: Harness):
+    run_id = rejected_run(harness)
+    document = harness.service.export_run(run_id)
+    assert (document["run"]["ended_by"], document["run"]["end_reason"]) == ("ann", REASON)
+    assert f"**Rejected by ann:** {REASON}" in export_markdown(document)
+    made = harness.service.import_run(document, by="tests")
+    copy = harness.service.status(made.run_id).run
+    assert (copy.status, copy.ended_by, copy.end_reason, copy.error) == (
+        "rejected", "ann", REASON, None,
+    )  # fmt: skip
+
+
+def test_a_cancel_from_the_run_page_keeps_the_reason(signed_in, harness: Harness, user: User):
+    run_id = paused_run(harness, created_by=user.name)
+    page = signed_in.get(f"/runs/{run_id}").text
+    assert f'id="cancel-reason-{run_id}"' in page
+    shown = signed_in.post(
+        f"/runs/{run_id}/cancel",
+        data={"csrf_token": csrf_token(page), "reason": "wrong PR"},
+        follow_redirects=True,
+    ).text
+    assert f"Cancelled by {user.name}</strong>: wrong PR." in shown
+    run = harness.service.status(run_id).run
+    assert (run.status, run.ended_by, run.end_reason) == ("cancelled", user.name, "wrong PR")

@@ -47,12 +47,13 @@ class RunStatus(StrEnum):
     @property
     def is_decision(self) -> bool:
         """Whether a person's decision ended the run (who: ended_by; why: end_reason)."""
-        return self in (RunStatus.REJECTED, RunStatus.CANCELLED)
+        return self in DECISION_STATUSES
 
 
 TERMINAL_STATUSES = frozenset(
     {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.REJECTED, RunStatus.CANCELLED}
 )
+DECISION_STATUSES = frozenset({RunStatus.REJECTED, RunStatus.CANCELLED})
 
 
 ACTIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)

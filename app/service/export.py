@@ -15,7 +15,7 @@ from secrets import token_hex
 from typing import Any
 
 from app.engine.actions import NewEvent
-from app.engine.models import EventKind, RunStatus, Step
+from app.engine.models import DECISION_STATUSES, EventKind, RunStatus, Step
 from app.engine.redact import redact, secret_values
 from app.errors import InvalidInput
 from app.service.base import ServiceBase
@@ -65,7 +65,8 @@ def run_json(run: RunRecord) -> dict[str, Any]:
 def run_summary_json(run: RunRecord) -> dict[str, Any]:
     """What `agentloop runs --json` prints for a run."""
     keys = ("id", "task", "status", "planner", "created_by", "created_at", "finished_at",
-            "iteration", "tokens_total", "cost_usd", "error")  # fmt: skip
+            "iteration", "tokens_total", "cost_usd", "error", "ended_by",
+            "end_reason")  # fmt: skip
     return _object({k: getattr(run, k) for k in keys})
 
 
@@ -168,9 +169,10 @@ class Export(ServiceBase):
             if k not in _LOCAL_RUN_COLUMNS and k != "id"
         }
         values.update(id=new_id, status=status)
-        if not original_status.is_terminal:
+        if not original_status.is_terminal:  # cancelled here by the import: a decision
             values["finished_at"] = now
-            values["error"] = (
+            values["ended_by"] = by
+            values["end_reason"] = (
                 f"imported while {original_status}; an imported run never executes here"
             )
         with self.store.transaction() as tx:
@@ -254,7 +256,10 @@ def export_markdown(document: dict[str, Any]) -> str:
         f"| tokens, cost | {run['tokens_total']}, ${run['cost_usd']:.4f} |",
         f"| exported | {document.get('exported_at')} |",
     ]
-    if run.get("error"):
+    if run["status"] in DECISION_STATUSES:  # a person's decision, not an error
+        by, why = run.get("ended_by") or "a person", run.get("end_reason") or "no reason given"
+        lines += ["", f"**{str(run['status']).capitalize()} by {by}:** {why}"]
+    elif run.get("error"):
         lines += ["", f"**Error:** {run['error']}"]
     lines += ["", "## Config", "", "```json", _dump(run.get("config")), "```"]
     lines += ["", "## Steps", ""]

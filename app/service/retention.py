@@ -1,8 +1,9 @@
 """Retention: remove finished runs past an age, with their history and workspaces.
 
-Only completed, failed and cancelled runs are ever removed. A queued, running or
-paused run stays whatever is asked: the status filter is checked here and again
-in the DELETE itself, so a run resumed between the listing and the delete stays.
+Only finished runs (completed, failed, rejected, cancelled) are ever removed. A
+queued, running or paused run stays whatever is asked: the status filter is checked
+here and again in the DELETE itself, so a run resumed between the listing and the
+delete stays.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from app.store.records import RunRecord
 
 log = logging.getLogger(__name__)
 
-FINISHED = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+FINISHED = tuple(status for status in RunStatus if status.is_terminal)
 PRUNE_BATCH = 200
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
@@ -61,7 +62,7 @@ def finished_statuses(statuses: Iterable[str] | None) -> list[str]:
     wrong = [s for s in asked if s not in {str(f) for f in FINISHED}]
     if wrong:
         raise InvalidInput(
-            f"prune removes only finished runs (completed, failed, cancelled), never "
+            f"prune removes only finished runs ({', '.join(FINISHED)}), never "
             f"{', '.join(wrong)}: a queued, running or paused run is never pruned"
         )
     return sorted(set(asked))

@@ -118,7 +118,7 @@ class DecisionForm(FlaskForm):  # type: ignore[misc]
 
 
 class CancelForm(FlaskForm):  # type: ignore[misc]
-    pass
+    reason = StringField("Why", validators=[Length(max=2000)])
 
 
 def edited_args(text: str | None, original: dict[str, Any]) -> dict[str, Any] | None:

@@ -312,10 +312,10 @@ def cancel(run_id: str) -> ResponseReturnValue:
     form = CancelForm()
     if form.validate_on_submit():
         try:
-            deps.service().cancel(run_id, by=_actor())
+            deps.service().cancel(run_id, by=_actor(), reason=form.reason.data or "")
         except Forbidden as exc:
             abort(403, str(exc))
-        except Conflict as exc:
+        except (Conflict, InvalidInput) as exc:
             flash(f"Not cancelled: {exc}", "error")
         except NotFound:
             abort(404, f"There is no run {run_id}.")

@@ -45,7 +45,7 @@ from tests.support.private_services import ChaosEnv
 PERSON = "chaos-person"
 NON_IDEMPOTENT = {"count", "count_slow", "count_short", "guarded_count"}
 GUARDED = {"guarded_count"}
-TERMINAL = {"completed", "failed", "cancelled"}
+TERMINAL = {"completed", "failed", "rejected", "cancelled"}
 REFUSALS = {"Conflict", "InvalidInput", "NotFound", "ServiceError"}
 INVARIANTS = "abcdefghp"
 REPORT = Path(
@@ -404,7 +404,12 @@ class Case:
                 and step.status not in ("completed", "skipped")
             ):
                 self.violate("e", f"{where}: the run completed with this step {step.status}")
-        closing = {"completed": "run completed", "cancelled": "run cancelled", "failed": ""}
+        closing = {
+            "completed": "run completed",
+            "cancelled": "run cancelled",
+            "rejected": "run rejected",
+            "failed": "",
+        }
         by_run: dict[str, list[str]] = defaultdict(list)
         for e in data["events"]:
             by_run[e.run_id].append(e.message)
