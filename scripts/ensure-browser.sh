@@ -1,9 +1,29 @@
 #!/usr/bin/env bash
-# Install what tests need from Debian when it is missing: chromium for the browser
-# tests, libfaketime for the chaos suite's skewed-clock worker.
-# `playwright install` downloads browsers from a CDN, which is not possible here;
-# Playwright drives the distribution's build through executable_path instead.
+# Install what tests need when it is missing: chromium for the browser tests and
+# libfaketime for the chaos suite's skewed-clock worker (from Debian), and axe-core
+# for the accessibility test (from npm, pinned, into .agentloop/node, which git
+# ignores). `playwright install` downloads browsers from a CDN, which is not
+# possible here; Playwright drives the distribution's build through
+# executable_path instead.
 set -u
+
+AXE_VERSION=4.14.1
+AXE_DIR="$(cd "$(dirname "$0")/.." && pwd)/.agentloop/node"
+ensure_axe() {
+  local installed="$AXE_DIR/node_modules/axe-core/package.json"
+  if [ -e "$installed" ] && grep -q "\"version\": \"$AXE_VERSION\"" "$installed"; then
+    return 0
+  fi
+  if ! command -v npm >/dev/null; then
+    echo "npm is missing: axe-core $AXE_VERSION is not installed; the accessibility test will not run" >&2
+    return 0
+  fi
+  echo "installing axe-core $AXE_VERSION for the accessibility test (npm)"
+  mkdir -p "$AXE_DIR"
+  npm install --silent --no-audit --no-fund --no-save --prefix "$AXE_DIR" "axe-core@$AXE_VERSION" >/dev/null \
+    || echo "could not install axe-core $AXE_VERSION; the accessibility test will fail" >&2
+}
+ensure_axe
 
 BROWSER=/usr/bin/chromium
 FAKETIME=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
