@@ -29,6 +29,7 @@ from app.store.accounts import User
 from tests.support.fixtures import Harness
 from tests.support.web import Mailbox, Webhook, body_of, csrf_token, paused_run
 from tests.test_web_api import api  # noqa: F401 - the API client fixture
+from tests.test_web_approvals import post, waiting  # noqa: F401 - the link and its page
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 REASON = "not on a friday"
@@ -260,3 +261,14 @@ def test_a_cancel_from_the_run_page_keeps_the_reason(signed_in, harness: Harness
     assert f"Cancelled by {user.name}</strong>: wrong PR." in shown
     run = harness.service.status(run_id).run
     assert (run.status, run.ended_by, run.end_reason) == ("cancelled", user.name, "wrong PR")
+
+
+def test_the_email_link_page_after_a_reject_does_not_say_the_run_resumes(
+    client,
+    harness: Harness,
+    waiting,  # noqa: F811 - the fixture imported above
+):
+    answer = post(client, waiting.url, action="reject", reason="freeze week")
+    assert answer.status_code == 200
+    assert "resumes" not in answer.text
+    assert "if it has no other way to do the task, the run ends as rejected" in answer.text
