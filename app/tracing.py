@@ -235,6 +235,14 @@ def decided(run: Any, action: Any) -> None:
     span.set_attribute("agentloop.attempt", int(step.attempts) + 1)
 
 
+def forwarded(kind: Any) -> None:
+    """The iteration only passed its message on to the queue for `kind` of work (it
+    came on the other one): no claim, no work, in this span."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("agentloop.forwarded_to", str(kind))
+
+
 def child_span(
     name: str, describe: Callable[[Span, Any], None] | None = None
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:

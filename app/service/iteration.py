@@ -124,6 +124,7 @@ class Iteration(Context, Work):
         needed = work_of(action)
         if kind is None or needed is None or needed is kind:
             return False
+        tracing.forwarded(needed)
         self._publish(run_id, tick, 0, needed)
         return True
 
