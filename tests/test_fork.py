@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 
 import pytest
 from click.testing import CliRunner
@@ -25,6 +26,7 @@ from app.service.permissions import Actor
 from app.store.accounts import Role
 from tests.support.fixtures import Harness
 from tests.support.web import csrf_token, sign_in
+from tests.test_browser import served, shoot, sign_in_with  # noqa: F401 (served: the fixture)
 from tests.test_web_api import api  # noqa: F401  (the bearer-token client fixture)
 
 
@@ -235,6 +237,20 @@ def test_lineage_links_parent_and_forks(harness: Harness):
     assert [f.id for f in of_b.forks] == [grandchild]
 
 
+def test_a_fork_outlives_its_pruned_parent(signed_in: FlaskClient, harness: Harness):
+    parent = finished_parent(harness)
+    fork = harness.service.fork_run(parent, from_step=2, by="tests")
+    harness.clock.advance(3 * 86400)
+    report = harness.service.prune(older_than=timedelta(days=1))
+    assert parent in {r.id for r in report.runs} and fork not in {r.id for r in report.runs}
+    lineage = harness.service.lineage(fork)
+    assert (lineage.parent_id, lineage.forked_from_step, lineage.parent) == (parent, 2, None)
+    shown = signed_in.get(f"/runs/{fork}").text
+    found = re.search(r'<section id="lineage".*?</section>', shown, re.S)
+    assert found is not None
+    assert f"run {parent} (no longer here) at step 2" in " ".join(found.group(0).split())
+
+
 def test_export_and_import_keep_a_forks_lineage(harness: Harness):
     parent = finished_parent(harness)
     fork = harness.service.fork_run(parent, from_step=2, by="tests")
@@ -441,3 +457,33 @@ def test_a_fork_of_the_deploy_scenario_through_a_real_worker(start_worker, live_
     # Only what follows set_env (run_tests may take a retry: its fixture cache is cold).
     assert list(dict.fromkeys(ran)) == ["deploy", "run_tests", "report"]
     assert done.run.report and "PR #42" in done.run.report
+
+
+@pytest.mark.e2e
+def test_a_person_forks_from_the_run_page_in_a_browser(
+    browser,
+    served: str,  # noqa: F811 (the fixture)
+    harness: Harness,
+    make_user,
+):
+    """Chromium: open the time travel panel, press "Fork from here" on step 2, land
+    on the fork's page with its lineage; the parent's page then links the fork."""
+    parent = finished_parent(harness)
+    operator = make_user("forker", role=Role.OPERATOR)
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    sign_in_with(page, served, operator.name)
+    page.goto(f"{served}/runs/{parent}")
+    page.click("#fork summary")
+    page.fill("#fork-instruction", "tag it this time")
+    page.click('button[data-action="fork"][value="2"]')
+    page.wait_for_selector("#lineage .forked-from")
+    fork = page.url.rsplit("/", 1)[-1]
+    assert fork != parent
+    lineage = " ".join(page.inner_text("#lineage").split())
+    assert lineage == f"Forked from run {parent} at step 2."
+    shoot(page, "fork-lineage")
+    with harness.service.store.transaction() as tx:
+        row = tx.get_run(fork)
+    assert (row.parent_run_id, row.forked_from_step, row.created_by) == (parent, 2, operator.name)
+    page.click(f'#lineage a[href="/runs/{parent}"]')
+    page.wait_for_selector(f'#lineage a[href="/runs/{fork}"]')
