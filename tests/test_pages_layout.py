@@ -1,6 +1,7 @@
 """Every page in a real browser at a phone's width (390 px) and a laptop's (1280 px):
 no horizontal scroll, nothing pushed past the screen's edge or cut off by a box
-that hides its overflow, the top bar's links all on screen, ages on one line.
+that hides its overflow, the top bar's links all on screen, badges, column heads
+and ages each on one line.
 
 Screenshots of each page go to test-artifacts/; with AGENTLOOP_UPDATE_SCREENSHOTS=1
 the README's (docs/screenshots/) are refreshed too.
@@ -34,9 +35,15 @@ MEASURE = """() => {
     ? "." + el.className.trim().split(/\\s+/).join(".") : "";
   const name = (el) => el.tagName.toLowerCase() + (el.id ? "#" + el.id : "") + classes(el);
   const problems = [];
+  const shown = (el) => {  // not inside a visually hidden 1-px box (a stacked table's head)
+    for (let up = el; up; up = up.parentElement) {
+      if (up.getBoundingClientRect().width <= 1) return false;
+    }
+    return true;
+  };
   for (const el of document.querySelectorAll("body *")) {
     const box = el.getBoundingClientRect();
-    if (box.width === 0 || box.height === 0) continue;
+    if (box.width === 0 || box.height === 0 || !shown(el)) continue;
     let scrolls = false, parent = el.parentElement;
     while (parent && parent !== document.body) {
       const style = getComputedStyle(parent);
@@ -55,9 +62,16 @@ MEASURE = """() => {
     if (style.overflowX === "visible" && el.clientWidth > 1 && el.scrollWidth > el.clientWidth + 1)
       problems.push(name(el) + " overflows its box: " + el.scrollWidth + " > " + el.clientWidth);
   }
-  for (const age of document.querySelectorAll("table.runs time")) {
-    const lines = age.getClientRects().length;
-    if (lines > 1) problems.push("age on " + lines + " lines: " + age.textContent);
+  // Short labels broken over lines ("complete|d", "Age 3 min|12 s|ago") read badly.
+  const lines = (el) => {
+    const range = document.createRange();
+    range.selectNodeContents(el);
+    return new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size;
+  };
+  for (const label of document.querySelectorAll(".badge, table.runs th, table.runs time")) {
+    if (shown(label) && lines(label) > 1) {
+      problems.push(name(label) + " on " + lines(label) + " lines: " + label.textContent);
+    }
   }
   return {scrollWidth: document.documentElement.scrollWidth, innerWidth: width, problems};
 }"""
