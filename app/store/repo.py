@@ -914,9 +914,10 @@ class Tx:
         )
 
     def insert_event_rows(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Events as given, in order (an import)."""
-        for row in rows:
-            self.conn.execute(insert(events).values(**row))
+        """Events as given, in order (an import, a fork's copy of its history): one
+        batched statement, not a round trip per event."""
+        if rows:
+            self.conn.execute(insert(events), list(rows))
 
     def insert_approval_rows(self, rows: Sequence[dict[str, Any]]) -> None:
         """Approvals as given (an import)."""
