@@ -120,6 +120,14 @@ def test_export_then_import_round_trip(cli, harness: Harness, tmp_path: Path):
     assert after[2] == before[2]
     assert not harness.dispatcher.sent
 
+    # A fork's lineage (its parent and the step it was forked from) goes along.
+    fork = harness.service.fork_run(original, from_step=1, by="tests")
+    forked = tmp_path / "fork.json"
+    ok(cli.invoke(main, ["export", fork, "-o", str(forked)]))
+    copy = ok(cli.invoke(main, ["import", str(forked)])).split()[1]
+    shown = json.loads(ok(cli.invoke(main, ["status", copy, "--json"])))["run"]
+    assert (shown["parent_run_id"], shown["forked_from_step"]) == (original, 1)
+
     readable = ok(cli.invoke(main, ["export", original, "--format", "md"]))
     assert readable.startswith(f"# Run {original}: export me")
     assert "## Steps" in readable and "## Timeline" in readable and "## Approvals" in readable
