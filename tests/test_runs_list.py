@@ -8,12 +8,16 @@ from __future__ import annotations
 import re
 from secrets import token_hex
 
+import pytest
 from flask.testing import FlaskClient
 
 from app.engine.actions import PlannerFatal
 from app.engine.models import RunStatus
 from app.stall import MIN_STALL_SECONDS
 from tests.support.fixtures import Harness, steps
+from tests.support.pages import Site, site  # noqa: F401 - a fixture
+from tests.support.web import PASSWORD
+from tests.test_browser import served  # noqa: F401 - a fixture
 
 
 def rows(page: str) -> list[str]:
@@ -111,3 +115,24 @@ def test_the_list_warns_when_no_worker_takes_runs(signed_in: FlaskClient, harnes
     assert "no worker has picked this run up" in warning.group(1)
     harness.drain()  # a worker takes it ...
     assert harness.service.status(run_id).run.status == RunStatus.COMPLETED
+
+
+@pytest.mark.e2e
+def test_the_list_updates_itself_in_a_browser(browser, site: Site):  # noqa: F811
+    tag = token_hex(4)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(site.url + "/login")
+    page.fill("#name", site.admin.name)
+    page.fill("#password", PASSWORD)
+    page.click("main button[type=submit]")
+    page.goto(f"{site.url}/?q={tag}")
+    page.wait_for_selector("#list-live:has-text('live')")
+    page.evaluate("window.__notReloaded = true")
+    run_id = site.harness.service.create_run(f"appears by itself {tag}", created_by="tests")
+    page.wait_for_selector(f"tr[data-run='{run_id}'][data-status=queued]")
+    site.harness.drain()
+    page.wait_for_selector(f"tr[data-run='{run_id}'][data-status=completed]")
+    assert page.locator("a[data-status=completed] .count").inner_text() == "1"
+    assert page.evaluate("window.__notReloaded") is True  # in place, not reloaded
+    context.close()
