@@ -203,6 +203,14 @@ def test_a_fork_is_refused_clearly(harness: Harness):
     with pytest.raises(Conflict, match=r"step 3 \(delete\) did not complete \(it is pending\)"):
         service.fork_run(paused, from_step=3, by="tests")
     assert service.lineage(paused).forks == []
+
+    def no_planner(kind: str):
+        raise ValueError(f"the {kind} planner is not available here")
+
+    service.planners = no_planner  # a deployment without the parent's planner
+    with pytest.raises(InvalidInput, match="the offline planner is not available here"):
+        service.fork_run(parent, from_step=1, by="tests")
+    assert not service.lineage(parent).forks
     with pytest.raises(InvalidInput, match="instruction"):
         service.fork_run(parent, from_step=1, by="tests", instruction="x" * 2001)
     assert not service.lineage(parent).forks  # nothing was made

@@ -78,8 +78,9 @@ class Forks(ServiceBase):
         module's docstring), queued to plan what is still needed; returns its id.
 
         Raises NotFound (no such run), InvalidInput (no such step; an instruction
-        that cannot be kept or makes the task too long), Conflict (the step did not
-        complete), Forbidden (forking takes the operator role, as creating runs does).
+        that cannot be kept or makes the task too long; the parent's planner is not
+        available here), Conflict (the step did not complete), Forbidden (forking
+        takes the operator role, as creating runs does).
         """
         require_role(by, Role.OPERATOR, "fork runs")
         who = name_of(by)
@@ -95,6 +96,10 @@ class Forks(ServiceBase):
             last = tx.last_event_of_step(run_id, point.step.id)
             history = [] if last is None else tx.events_through(run_id, last)
         task = _forked_task(parent.task, from_step, note)
+        try:
+            self.planners(parent.planner)  # the fork plans next: with the parent's planner
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
         workspace = self._copy_workspace(parent.id, fork_id)
         try:
             self._store_fork(fork_id, parent, point, history, task, who, note)
