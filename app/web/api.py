@@ -433,7 +433,8 @@ def cancel(run_id: str, *, query: schemas.NoQuery, body: schemas.Cancel) -> Resp
             403: "Forking takes the operator role, as creating a run does",
             409: "Step N did not complete",
             413: "The body is over 256 KiB",
-            422: "The run has no step N (or the instruction makes the task too long)",
+            422: "The run has no step N, the instruction makes the task too long, or "
+            "this deployment lacks the parent's planner",
         },
         links={
             "GetFork": {"operationId": "getRun", "parameters": {"run_id": "$response.body#/id"}},
