@@ -1,7 +1,8 @@
-"""End to end: real `celery worker` processes, PostgreSQL and Redis.
+"""End to end: real `celery worker` processes, PostgreSQL, and Redis or RabbitMQ.
 
 Each iteration is a real task over the real broker; the tests watch the
-database from outside, as a person watching the run page would.
+database from outside, as a person watching the run page would. Every test runs
+on both brokers.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ import os
 import signal
 
 import pytest
-import redis
 
 from app.demo import DEMO_CONFIG, DEMO_TASK
 from app.engine.models import Decision, RunStatus
 from app.service import AgentService
-from tasks import advance
-from tests.conftest import REDIS_DB
-from tests.support.fixtures import drop_queue, wait_until, workspace
+from tests.support.fixtures import wait_until, workspace
 
-pytestmark = pytest.mark.e2e
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True),
+]
 
 
 def status_of(service: AgentService, run_id: str) -> str:
@@ -98,15 +99,15 @@ def test_the_deadline_fails_a_run_whose_step_outlives_it(start_worker, live_serv
     assert any("timed out" in e.message for e in view.events)
 
 
-def test_duplicate_messages_across_two_workers_execute_once(start_worker, live_service):
+def test_duplicate_messages_across_two_workers_execute_once(start_worker, live_service, broker):
     start_worker(name="a", beat=False)
     start_worker(name="b", beat=False)
     run_id = live_service.create_run("apply the effect holding 1s")
     wait_until(lambda: effects(run_id), what="the effect to start")
     tick = live_service.status(run_id).run.tick
     for _ in range(4):  # the same message, redelivered to whichever worker is free
-        advance.apply_async(args=(run_id, tick - 1))
-        advance.apply_async(args=(run_id, tick))
+        broker.client.publish(run_id, tick - 1)
+        broker.client.publish(run_id, tick)
     view = wait_for_status(live_service, run_id, "completed", "failed")
     assert view.run.status == RunStatus.COMPLETED
     assert sum(line.startswith("start") for line in effects(run_id)) == 1
@@ -148,7 +149,7 @@ def test_sigkill_during_an_idempotent_tool_retries_it_with_the_same_key(start_wo
     assert sum(line.startswith("effect") for line in lines) == 1
 
 
-def test_a_run_whose_message_is_lost_is_resumed_by_the_sweep(start_worker, live_service):
+def test_a_run_whose_message_is_lost_is_resumed_by_the_sweep(start_worker, live_service, broker):
     worker = start_worker(beat=False)
     run_id = live_service.create_run(
         "flaky 1 times", config={"retry_policy": {"base": 3, "jitter": 0}}
@@ -157,8 +158,8 @@ def test_a_run_whose_message_is_lost_is_resumed_by_the_sweep(start_worker, live_
         lambda: any(e.kind == "retry" for e in live_service.status(run_id).events),
         what="the first retry to be scheduled",
     )
-    worker.stop()  # the retry message, restored to Redis at shutdown ...
-    drop_queue(redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB))  # ... is lost
+    worker.stop()  # the retry message, back in the broker after shutdown ...
+    broker.drop_queues()  # ... is lost
     start_worker(beat=True)
     view = wait_for_status(live_service, run_id, "completed", "failed", timeout=60)
     assert view.run.status == RunStatus.COMPLETED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import create_engine, text
 
 from app.config import load_settings
@@ -26,7 +28,7 @@ from app.service import AgentService, Notice
 from app.store.migrate import upgrade
 from app.store.repo import Store, make_engine
 from app.tools.registry import load_registry
-from tests.conftest import DATA_DIR, PG_SERVER, QUEUE, REDIS_DB, ROOT, TEST_DB
+from tests.conftest import DATA_DIR, PG_SERVER, QUEUE, REDIS_DB, REDIS_URL, ROOT, TEST_DB
 
 CI = os.environ.get("CI") == "true"
 
@@ -84,8 +86,6 @@ def database_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_db() -> Iterator[int]:
     """The suite's own Redis database number; the session's queue is removed after."""
-    import redis
-
     client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
     try:
         client.ping()
@@ -102,6 +102,135 @@ def drop_queue(client: Any) -> None:
         client.delete(queue)
         for key in client.scan_iter(f"{queue}\x06\x16*"):  # kombu's priority lists
             client.delete(key)
+
+
+RABBITMQ_SERVER = "amqp://guest:guest@127.0.0.1:5672"
+RABBITMQ_VHOST = f"agentloop-test-{os.getpid()}"
+
+
+def rabbitmqctl(*args: str) -> None:
+    """Raises CalledProcessError (with what rabbitmqctl said) when it fails."""
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """A RabbitMQ virtual host of the suite's own, created here and deleted at the end
+    with all that the tests declared in it (queues, delayed-delivery exchanges); the
+    server's other vhosts are never touched."""
+    try:
+        rabbitmqctl("add_vhost", RABBITMQ_VHOST)
+        rabbitmqctl("set_permissions", "-p", RABBITMQ_VHOST, "guest", ".*", ".*", ".*")
+    except (OSError, subprocess.SubprocessError) as exc:
+        require("RabbitMQ", exc)
+    yield f"{RABBITMQ_SERVER}/{RABBITMQ_VHOST}"
+    rabbitmqctl("delete_vhost", RABBITMQ_VHOST)
+
+
+class ClientDispatcher:
+    """Publishes `agentloop.advance` to the broker of `settings`, as tasks.CeleryDispatcher
+    does to the configured one: a Celery app of the test's own, with the broker and
+    queue settings workers get from the same settings (app/queues.py), so the suite's
+    global app keeps pointing at the shared Redis."""
+
+    def __init__(self, settings: Any) -> None:
+        from celery import Celery
+
+        from app.queues import Queues, celery_broker_settings
+
+        self.settings = settings
+        self.queues = Queues.of(settings)
+        self.app = Celery("agentloop-test-client", set_as_current=False)
+        url = settings.resolved_broker_url
+        self.app.conf.update(
+            celery_broker_settings(settings),
+            # Celery prefers the environment's CELERY_BROKER_URL (the suite's Redis) to
+            # broker_url; these two it does not.
+            broker_read_url=url,
+            broker_write_url=url,
+            task_serializer="json",
+            accept_content=["json"],
+            broker_connection_retry_on_startup=True,
+        )
+
+    def enqueue(self, run_id: str, tick: int, delay: float, kind: WorkKind) -> None:
+        from app.queues import countdown
+
+        self.publish(run_id, tick, countdown=countdown(self.settings, delay), kind=kind)
+
+    def queue_depth(self) -> int | None:
+        from tasks import queue_depth
+
+        depths = [queue_depth(self.app, queue) for queue in self.queues.iterations]
+        return None if None in depths else sum(d or 0 for d in depths)
+
+    def publish(
+        self, run_id: str, tick: int, *, countdown: float | None = None, kind: Any = None
+    ) -> None:
+        """An iteration message; without `kind`, as published before queues were split."""
+        if kind is None:
+            self.app.send_task("agentloop.advance", args=(run_id, tick), countdown=countdown)
+            return
+        self.app.send_task(
+            "agentloop.advance",
+            args=(run_id, tick),
+            kwargs={"kind": str(kind)},
+            queue=self.queues.for_work(kind),
+            countdown=countdown,
+        )
+
+    def notify(self, notice: Any, run_id: str) -> None:
+        self.app.send_task("agentloop.notify", args=(str(notice), run_id))
+
+    def purge(self) -> None:
+        """Empty every queue of these settings, and RabbitMQ's delayed-delivery queues
+        (in the vhost of the test's own): what a broker that restarts loses."""
+        from app.queues import uses_amqp
+
+        names = list(self.queues.all)
+        if uses_amqp(self.settings):
+            names += [f"celery_delayed_{level}" for level in range(28)]
+        with self.app.connection_for_write() as conn:
+            for name in names:
+                with contextlib.suppress(Exception), conn.channel() as channel:
+                    channel.queue_purge(name)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.app.close()
+
+
+@dataclass
+class Broker:
+    """The broker an end-to-end test runs on, and a client of its own to publish with."""
+
+    name: str
+    url: str
+    client: ClientDispatcher
+
+    def drop_queues(self) -> None:
+        """What a broker loses: every message waiting, or waiting for its countdown."""
+        if self.name == "redis":
+            client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+            drop_queue(client)
+            client.close()
+        else:
+            self.client.purge()
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """Redis, or RabbitMQ when a test is parametrized with `broker` "rabbitmq"
+    (indirectly): workers and the test's own publishes then go there."""
+    name = getattr(request, "param", "redis")
+    if name == "rabbitmq":
+        url = request.getfixturevalue("rabbitmq_url")
+    else:
+        request.getfixturevalue("redis_db")
+        url = REDIS_URL
+    client = ClientDispatcher(load_settings(broker_url=url))
+    yield Broker(name=name, url=url, client=client)
+    client.close()
 
 
 @pytest.fixture(scope="session")
@@ -280,18 +409,15 @@ class Worker:
 
 @pytest.fixture
 def start_worker(
-    database_url: str, redis_db: int, tmp_path: Path
+    database_url: str, broker: Broker, tmp_path: Path
 ) -> Iterator[Callable[..., Worker]]:
-    """Start `celery worker` processes (prefork, one child each, beat optional).
+    """Start `celery worker` processes (prefork, one child each, beat optional) on the
+    test's broker.
 
-    The session's queue is emptied first: messages left by an earlier test (a
+    The session's queues are emptied first: messages left by an earlier test (a
     notification for its run, say) must not reach this test's workers.
     """
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=6379, db=redis_db)
-    drop_queue(client)
-    client.close()
+    broker.drop_queues()
     started: list[Worker] = []
 
     def start(
@@ -317,7 +443,8 @@ def start_worker(
         with log.open("wb") as out:
             process = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                env={**os.environ, **(env or {})}, preexec_fn=die_with_parent,
+                env={**os.environ, "CELERY_BROKER_URL": broker.url, **(env or {})},
+                preexec_fn=die_with_parent,
             )  # fmt: skip
         worker = Worker(process=process, log=log)
         started.append(worker)
@@ -335,13 +462,21 @@ def start_worker(
 
 
 @pytest.fixture
-def live_service(database_url: str, redis_db: int) -> AgentService:
-    """A service as the web app and CLI build it: publishing to the real broker."""
+def live_service(database_url: str, broker: Broker) -> Iterator[AgentService]:
+    """A service as the web app and CLI build it: publishing to the real broker (on
+    RabbitMQ, through the test's client of it)."""
     from app.wiring import build_service
     from tasks import CeleryDispatcher, CeleryNotifier
 
-    settings = load_settings()
-    return build_service(settings, CeleryDispatcher(settings.max_countdown), CeleryNotifier())
+    settings = load_settings(broker_url=broker.url)
+    if broker.name == "redis":
+        service = build_service(
+            settings, CeleryDispatcher(settings.max_countdown), CeleryNotifier()
+        )
+    else:
+        service = build_service(settings, broker.client, broker.client)
+    yield service
+    service.store.dispose()
 
 
 def workspace(run_id: str) -> Path:

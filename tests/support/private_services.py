@@ -28,7 +28,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.conftest import ROOT
-from tests.support.fixtures import die_with_parent, wait_until
+from tests.support.fixtures import ClientDispatcher, die_with_parent, wait_until
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 CHAOS_DIR = ROOT / "tests" / "chaos"
@@ -323,61 +323,6 @@ def chaos_env(
         data_dir=data_dir,
         faults_dir=faults,
     )
-
-
-class ClientDispatcher:
-    """Publishes `agentloop.advance` to the private broker, as tasks.CeleryDispatcher
-    does to the configured one (a Celery app of the test's own, with the broker and
-    queue settings workers get from the same settings, so the suite's global app keeps
-    pointing at the shared broker)."""
-
-    def __init__(self, settings: Any) -> None:
-        from celery import Celery
-
-        from app.queues import Queues, celery_broker_settings
-
-        self.settings = settings
-        self.queues = Queues.of(settings)
-        self.app = Celery("agentloop-chaos-client", set_as_current=False)
-        self.app.conf.update(
-            celery_broker_settings(settings),
-            task_serializer="json",
-            accept_content=["json"],
-            broker_connection_retry_on_startup=True,
-        )
-
-    def enqueue(self, run_id: str, tick: int, delay: float, kind: Any) -> None:
-        from app.queues import countdown
-
-        self.publish(run_id, tick, countdown=countdown(self.settings, delay), kind=kind)
-
-    def queue_depth(self) -> int | None:
-        from tasks import queue_depth
-
-        depths = [queue_depth(self.app, queue) for queue in self.queues.iterations]
-        return None if None in depths else sum(depths)  # type: ignore[arg-type]
-
-    def publish(
-        self, run_id: str, tick: int, *, countdown: float | None = None, kind: Any = None
-    ) -> None:
-        """An iteration message; without `kind`, as published before queues were split."""
-        if kind is None:
-            self.app.send_task("agentloop.advance", args=(run_id, tick), countdown=countdown)
-            return
-        self.app.send_task(
-            "agentloop.advance",
-            args=(run_id, tick),
-            kwargs={"kind": str(kind)},
-            queue=self.queues.for_work(kind),
-            countdown=countdown,
-        )
-
-    def notify(self, notice: Any, run_id: str) -> None:
-        self.app.send_task("agentloop.notify", args=(str(notice), run_id))
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.app.close()
 
 
 @pytest.fixture
