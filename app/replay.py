@@ -1,7 +1,7 @@
 """`agentloop replay`: a run's decisions, iteration by iteration, read from its events.
 
-Each iteration (a run of consecutive events with one iteration number: a planner
-call, a step's call and outcome, or a person's decision) becomes one Turn: what the loop saw
+Each iteration (app/timeline.group_events: a planner call, a step's call and its
+outcome, or a person's decision) becomes one Turn: what the loop saw
 (tool results and what a person said), what it chose (a plan, a step's call with
 its args, a retry), why (the planner's reasoning, the decision it recorded), the
 people involved (approvals asked and given) and the errors. Nothing is executed
@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import groupby
 from typing import Any
 
 from app.service.export import jsonable
 from app.store.records import EventRecord
-from app.timeline import RESET, STYLE
+from app.timeline import RESET, STYLE, group_events
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ SECTIONS = (
 
 def turns(events: list[EventRecord]) -> list[Turn]:
     """The run's iterations as turns, in order."""
-    return [_turn(list(group)) for _, group in groupby(events, key=lambda e: e.iteration)]
+    return [_turn(group.events) for group in group_events(events)]
 
 
 def _turn(events: list[EventRecord]) -> Turn:
