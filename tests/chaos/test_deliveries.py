@@ -9,7 +9,11 @@ import pytest
 from tests.chaos.invariants import Case, trials
 from tests.support.private_services import ClientDispatcher
 
-pytestmark = pytest.mark.chaos
+# On the private Redis, and on RabbitMQ (the session's vhost).
+pytestmark = [
+    pytest.mark.chaos,
+    pytest.mark.parametrize("chaos_broker", ["redis", "rabbitmq"], indirect=True),
+]
 
 COPIES = 3
 

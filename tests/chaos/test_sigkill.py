@@ -16,7 +16,11 @@ import pytest
 
 from tests.chaos.invariants import Case, trials
 
-pytestmark = pytest.mark.chaos
+# On the private Redis, and on RabbitMQ (the session's vhost).
+pytestmark = [
+    pytest.mark.chaos,
+    pytest.mark.parametrize("chaos_broker", ["redis", "rabbitmq"], indirect=True),
+]
 
 ARMED = {
     "before": ["kill-before-tool"],

@@ -265,11 +265,16 @@ class ChaosEnv:
     queue: str
     data_dir: Path
     faults_dir: Path
+    # The private Redis, or the session's RabbitMQ vhost (chaos_broker "rabbitmq").
+    broker_url: str = ""
+
+    def __post_init__(self) -> None:
+        self.broker_url = self.broker_url or self.redis.url
 
     def worker_env(self) -> dict[str, str]:
         return {
             "DATABASE_URL": self.database_url,
-            "CELERY_BROKER_URL": self.redis.url,
+            "CELERY_BROKER_URL": self.broker_url,
             "AGENTLOOP_QUEUE": self.queue,
             "AGENTLOOP_DATA_DIR": str(self.data_dir),
             "AGENTLOOP_TOOL_MODULES": "tests.chaos.tools",
@@ -306,8 +311,21 @@ class ChaosEnv:
 
 
 @pytest.fixture
+def chaos_broker(request: pytest.FixtureRequest) -> str:
+    """The broker a chaos case runs on: "" for the private Redis, or the session's
+    RabbitMQ vhost when a case is parametrized with `chaos_broker` "rabbitmq" (only
+    faults of workers and PostgreSQL: RabbitMQ itself is shared, never restarted)."""
+    if getattr(request, "param", "redis") == "rabbitmq":
+        return str(request.getfixturevalue("rabbitmq_url"))
+    return ""
+
+
+@pytest.fixture
 def chaos_env(
-    private_postgres: PrivatePostgres, private_redis: PrivateRedis, tmp_path: Path
+    private_postgres: PrivatePostgres,
+    private_redis: PrivateRedis,
+    chaos_broker: str,
+    tmp_path: Path,
 ) -> ChaosEnv:
     # A test that failed mid-fault may have left a server down.
     private_postgres.ensure_running()
@@ -322,6 +340,7 @@ def chaos_env(
         queue=f"chaos-{os.getpid()}-{next(_queues)}",
         data_dir=data_dir,
         faults_dir=faults,
+        broker_url=chaos_broker,
     )
 
 
