@@ -67,6 +67,9 @@ def site(served: str, harness: Harness, make_user: Callable[..., User]) -> Site:
     completed = finished(harness, REPORT, created_by=admin.name)
     failed = failing(harness, LONG_ERROR, created_by="ada")
     waiting = paused_run(harness, created_by="ada", approvers=[admin.name])
+    # A cancelled run's badge too, for the contrast check.
+    harness.service.cancel(harness.service.create_run("cancelled at once"), by="tests")
+    harness.drain()
     site.pages = {
         "login": "/login",
         "runs-list": "/",
