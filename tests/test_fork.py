@@ -10,6 +10,7 @@ replaced), like tests/test_service.py; one case runs through a real worker.
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import timedelta
 
@@ -257,6 +258,21 @@ def test_a_fork_outlives_its_pruned_parent(signed_in: FlaskClient, harness: Harn
     found = re.search(r'<section id="lineage".*?</section>', shown, re.S)
     assert found is not None
     assert f"run {parent} (no longer here) at step 2" in " ".join(found.group(0).split())
+
+
+def test_a_workspace_that_cannot_be_copied_leaves_no_fork(harness: Harness):
+    parent = finished_parent(harness)
+    (harness.service.workspaces / parent / "checkout").mkdir()
+    (harness.service.workspaces / parent / "checkout" / "file").write_text("kept")
+    fork = harness.service.fork_run(parent, from_step=1, by="tests")
+    assert (harness.service.workspaces / fork / "checkout" / "file").read_text() == "kept"
+
+    os.mkfifo(harness.service.workspaces / parent / "a-pipe")  # cannot be copied
+    before = set(harness.service.workspaces.iterdir())
+    with pytest.raises(Conflict, match=r"could not copy run \w+'s workspace: a-pipe"):
+        harness.service.fork_run(parent, from_step=1, by="tests")
+    assert set(harness.service.workspaces.iterdir()) == before  # no half-copied folder
+    assert [f.id for f in harness.service.lineage(parent).forks] == [fork]
 
 
 def test_export_and_import_keep_a_forks_lineage(harness: Harness):

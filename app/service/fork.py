@@ -145,10 +145,18 @@ class Forks(ServiceBase):
         """The fork's workspace: a copy of the parent's files (a checkout, a build), so
         that steps after N find what steps through N left. Files are not kept per step:
         the copy is the workspace as the parent has it now, later steps' files
-        included. Like prune, it assumes the workers share AGENTLOOP_DATA_DIR."""
+        included. Like prune, it assumes the workers share AGENTLOOP_DATA_DIR.
+        Raises Conflict when a file cannot be copied (one a running step is changing,
+        a pipe): nothing is left behind, and forking again may work."""
         source, target = self.workspaces / parent_id, self.workspaces / fork_id
-        if source.is_dir():
+        if not source.is_dir():
+            return target
+        try:
             shutil.copytree(source, target, symlinks=True)
+        except (OSError, shutil.Error) as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            why = _first_problem(exc)
+            raise Conflict(f"could not copy run {parent_id}'s workspace: {why}") from None
         return target
 
     def lineage(self, run_id: str) -> Lineage:
@@ -212,6 +220,14 @@ def _first_iteration(history: list[EventRecord]) -> int:
     """The fork's own first iteration number, the one its creation is recorded at:
     the one after the last it keeps (as a new run's creation is at iteration 0)."""
     return history[-1].iteration + 1 if history else 0
+
+
+def _first_problem(exc: OSError | shutil.Error) -> str:
+    """One line about a failed copy (shutil.Error carries a list of them)."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        source, _, why = exc.args[0][0]
+        return f"{Path(source).name}: {why}"
+    return str(exc)
 
 
 def _point(tx: Tx, run_id: str, position: int) -> ForkPoint:

@@ -431,7 +431,7 @@ def cancel(run_id: str, *, query: schemas.NoQuery, body: schemas.Cancel) -> Resp
         errors={
             **RUN_ERRORS,
             403: "Forking takes the operator role, as creating a run does",
-            409: "Step N did not complete",
+            409: "Step N did not complete (or the parent's workspace could not be copied)",
             413: "The body is over 256 KiB",
             422: "The run has no step N, the instruction makes the task too long, or "
             "this deployment lacks the parent's planner",
