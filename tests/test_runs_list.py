@@ -80,6 +80,9 @@ def test_a_bad_filter_is_named_not_ignored(signed_in: FlaskClient):
     page = signed_in.get("/?since=yesterday")
     assert page.status_code == 400
     assert 'id="since-error"' in page.text and "neither an age" in page.text
+    for beyond in ("99999999999999d", "1000000d", "0001-01-01T00:00+01:00"):
+        page = signed_in.get(f"/?since={beyond}")  # past what a datetime holds: named too
+        assert page.status_code == 400 and 'id="since-error"' in page.text, beyond
     assert signed_in.get("/?q=a&q=b").status_code == 400
     assert signed_in.get("/?by=" + "x" * 201).status_code == 400
 

@@ -35,20 +35,25 @@ def parse_age(text: str) -> timedelta:
     found = _AGE.match(text or "")
     if found is None:
         raise InvalidInput(f"{text!r} is not an age: give a number and a unit, e.g. 30d, 12h, 90m")
-    return timedelta(seconds=float(found.group(1)) * _UNITS[found.group(2).lower()])
+    try:
+        return timedelta(seconds=float(found.group(1)) * _UNITS[found.group(2).lower()])
+    except OverflowError:
+        raise InvalidInput(f"{text!r} is longer than any age there can be") from None
 
 
 def parse_since(text: str, now: datetime) -> datetime:
     """An age (`2d`: that long before `now`) or an ISO 8601 time (UTC unless it says)."""
-    if _AGE.match(text or ""):
-        return now - parse_age(text)
     try:
+        if _AGE.match(text or ""):
+            return now - parse_age(text)
         moment = datetime.fromisoformat(text.strip())
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except ValueError:
         raise InvalidInput(
             f"{text!r} is neither an age (2d, 12h) nor an ISO 8601 time (2026-11-30T12:00)"
         ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInput(f"{text!r} reaches back before the year 1") from None
 
 
 def finished_statuses(statuses: Iterable[str] | None) -> list[str]:
