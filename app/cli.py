@@ -259,11 +259,11 @@ def worker(ctx: click.Context, beat: bool, queues: str) -> None:
     --pool and --concurrency to choose otherwise."""
     from app.queues import Queues
 
-    settings, _ = connect()
-    names = Queues.of(settings).by_name
+    names = Queues.of(load_settings()).by_name
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
     if unknown := [q for q in chosen if q not in names]:
         raise click.UsageError(f"unknown queue(s) {', '.join(unknown)}: use {', '.join(names)}")
+    settings, _ = connect()
     argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]
     argv.append("--queues=" + ",".join(names[q] for q in chosen))
     if "tools" not in chosen and not any(a.startswith(("--pool", "-P")) for a in ctx.args):

@@ -11,6 +11,11 @@ while fifty planner calls wait on the network.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,9 +24,9 @@ import redis
 from app.engine.models import RunStatus
 from app.engine.routing import WorkKind
 from app.service import AgentService
-from tests.conftest import QUEUE, REDIS_DB
+from tests.conftest import QUEUE, REDIS_DB, ROOT
 from tests.fake_anthropic import FakeAnthropic, finish_reply, plan_reply, slow
-from tests.support.fixtures import Harness, noop_then_flaky, wait_until
+from tests.support.fixtures import Harness, die_with_parent, noop_then_flaky, wait_until
 
 PLAN_QUEUE = f"{QUEUE}.plan"
 NOTIFY_QUEUE = f"{QUEUE}.notify"
@@ -167,3 +172,55 @@ def test_tool_steps_keep_flowing_while_fifty_planner_calls_wait(
             service.cancel(run_id, by="test")
         fake_anthropic.stop()  # the waiting calls end now; the cancelled runs discard them
         service.store.dispose()
+
+
+# --- agentloop worker --queues, and health over the three queues ------------------------
+
+AGENTLOOP = str(Path(sys.executable).with_name("agentloop"))
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # the test tools (tests.support.tools)
+
+
+def agentloop(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [AGENTLOOP, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=ENV
+    )
+
+
+def test_worker_refuses_a_queue_it_does_not_know(database_url, redis_db) -> None:
+    done = agentloop("worker", "--queues=tools,planer")
+    assert done.returncode == 2
+    assert "unknown queue(s) planer: use tools, planner, notify" in done.stderr
+
+
+@pytest.fixture
+def planner_worker(database_url, redis_db, tmp_path: Path) -> Iterator[Path]:
+    """`agentloop worker --queues=planner`, as the Procfile's planner line runs it."""
+    log = tmp_path / "planner.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [AGENTLOOP, "worker", "--queues=planner", "--without-gossip", "--without-mingle",
+             "--hostname=planner@%h"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV, preexec_fn=die_with_parent,
+        )  # fmt: skip
+    try:
+        wait_until(
+            lambda: "ready." in log.read_text() or process.poll() is not None,
+            timeout=60,
+            what="the planner's worker to be ready",
+        )
+        assert process.poll() is None, log.read_text()
+        yield log
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_planner_worker_runs_threads_and_health_names_the_queues_nobody_consumes(
+    planner_worker: Path,
+) -> None:
+    banner = planner_worker.read_text()
+    assert "concurrency: 50 (thread)" in banner
+    assert f".> {PLAN_QUEUE} " in banner and f".> {QUEUE} " not in banner
+    done = agentloop("health", "--timeout", "5")
+    assert done.returncode == 1
+    assert f"no worker consumes the queue(s) {QUEUE}, {NOTIFY_QUEUE}" in done.stderr
