@@ -14,7 +14,7 @@ import click
 from app.config import ConfigError, Settings, load_settings, redact_url
 from app.engine.models import Decision, RunStatus
 from app.errors import NotFound
-from app.service import AgentService, ServiceError
+from app.service import AgentService, Lineage, ServiceError
 from app.service.inputs import Problem, Problems
 from app.service.permissions import Actor
 from app.store.accounts import AccountError, Accounts, Role, User
@@ -179,6 +179,7 @@ def status(run_id: str, as_json: bool) -> None:
         click.echo(json.dumps(redact(shown, secrets), indent=2))
         return
     click.echo(format_run_header(view.run))
+    _echo_lineage(service.lineage(run_id))
     click.echo("\nsteps:")
     for step in view.steps:
         click.echo(format_step(step))
@@ -803,12 +804,18 @@ def replay(run_id: str, as_json: bool) -> None:
         click.echo(json.dumps(shown, indent=2))
         return
     click.echo(format_run_header(view.run))
-    if lineage.parent_id is not None:
-        click.echo(f"forked from run {lineage.parent_id} at step {lineage.forked_from_step}")
-    for forked in lineage.forks:
-        click.echo(f"fork: run {forked.id} from step {forked.forked_from_step}")
+    _echo_lineage(lineage)
     for turn in played:
         click.echo("\n" + format_turn(turn, color=sys.stdout.isatty()))
+
+
+def _echo_lineage(lineage: Lineage) -> None:
+    """Where the run was forked from, and its forks (nothing for a run with neither)."""
+    if lineage.parent_id is not None:
+        gone = "" if lineage.parent is not None else " (no longer here)"
+        click.echo(f"forked from run {lineage.parent_id}{gone} at step {lineage.forked_from_step}")
+    for forked in lineage.forks:
+        click.echo(f"fork: run {forked.id} from step {forked.forked_from_step} ({forked.status})")
 
 
 if __name__ == "__main__":

@@ -306,6 +306,11 @@ def test_cli_fork_and_its_refusals(cli: CliRunner, harness: Harness):
     assert (row.parent_run_id, row.forked_from_step) == (parent, 2)
     assert row.task.endswith("Instruction for this fork (from step 2): go on")
 
+    fork_status = cli.invoke(main, ["status", fork.group(1)])
+    assert f"forked from run {parent} at step 2" in fork_status.output
+    parent_status = cli.invoke(main, ["status", parent])
+    assert f"fork: run {fork.group(1)} from step 2 (queued)" in parent_status.output
+
     for argv, says in (
         (["fork", parent, "--from-step", "9"], "the run has no step 9"),
         (["fork", "missing", "--from-step", "1"], "no run with id 'missing'"),
