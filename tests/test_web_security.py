@@ -371,6 +371,7 @@ HOSTILE = [
     "%ED%A0%80",  # a lone surrogate, UTF-8 encoded
     "%FF%FE%FD",
     "9223372036854775807",
+    "99999999999999d",
     "-9223372036854775809",
     "1e308",
     "NaN",
@@ -385,7 +386,7 @@ HOSTILE = [
 ]
 PARAMS = ["page", "status", "after", "state", "next", "name", "password", "task", "planner",
           "approval_required", "approvers", "max_iterations", "timeout", "retry_base",
-          "approval_id", "action", "args", "reason", "role"]  # fmt: skip
+          "approval_id", "action", "args", "reason", "role", "q", "by", "since"]  # fmt: skip
 
 
 def _page_routes(app: Flask) -> list[tuple[str, str, list[str]]]:
