@@ -25,9 +25,10 @@ from app.errors import NotFound
 from app.service import Conflict, Forbidden, InvalidInput
 from app.service.permissions import Actor
 from app.store.accounts import Role
-from tests.support.fixtures import Harness
+from tests.support.fixtures import Harness, workspace
 from tests.support.web import csrf_token, sign_in
 from tests.test_browser import served, shoot, sign_in_with  # noqa: F401 (served: the fixture)
+from tests.test_claude_e2e import claude_env, service, worker  # noqa: F401 (fixtures)
 from tests.test_web_api import api  # noqa: F401  (the bearer-token client fixture)
 
 
@@ -182,39 +183,39 @@ def test_a_fork_counts_what_the_parent_had_spent_by_step_n(harness: Harness):
 
 def test_a_fork_is_refused_clearly(harness: Harness):
     parent = finished_parent(harness)
-    service = harness.service
+    agent = harness.service
     with pytest.raises(NotFound, match="no run with id 'nope'"):
-        service.fork_run("nope", from_step=1, by="tests")
+        agent.fork_run("nope", from_step=1, by="tests")
     for n in (0, 5, -1):
         with pytest.raises(InvalidInput, match=f"no step {n}: its steps are numbered 1 to 4"):
-            service.fork_run(parent, from_step=n, by="tests")
+            agent.fork_run(parent, from_step=n, by="tests")
     with pytest.raises(Forbidden, match="fork runs"):
-        service.fork_run(parent, from_step=1, by=Actor(name="vic", role=Role.VIEWER))
+        agent.fork_run(parent, from_step=1, by=Actor(name="vic", role=Role.VIEWER))
 
     # A step that failed, and one still waiting for approval, did not complete.
     harness.planner.script = [plan(("flaky", "flaky", {"failures": 9}), ("after", "noop", {}))]
-    failing = service.create_run("a step that fails", config={"retry_policy": {"max_retries": 0}})
+    failing = agent.create_run("a step that fails", config={"retry_policy": {"max_retries": 0}})
     harness.drain()
-    assert service.status(failing).steps[0].status == StepStatus.FAILED
+    assert agent.status(failing).steps[0].status == StepStatus.FAILED
     with pytest.raises(Conflict, match=r"step 1 \(flaky\) did not complete \(it is failed\)"):
-        service.fork_run(failing, from_step=1, by="tests")
+        agent.fork_run(failing, from_step=1, by="tests")
     harness.planner.script = [plan(*PARENT_PLAN)]
-    paused = service.create_run("paused at the delete")
+    paused = agent.create_run("paused at the delete")
     harness.drain()
     with pytest.raises(Conflict, match=r"step 3 \(delete\) did not complete \(it is pending\)"):
-        service.fork_run(paused, from_step=3, by="tests")
-    assert service.lineage(paused).forks == []
+        agent.fork_run(paused, from_step=3, by="tests")
+    assert agent.lineage(paused).forks == []
 
     def no_planner(kind: str):
         raise ValueError(f"the {kind} planner is not available here")
 
-    service.planners = no_planner  # a deployment without the parent's planner
+    agent.planners = no_planner  # a deployment without the parent's planner
     with pytest.raises(InvalidInput, match="the offline planner is not available here"):
-        service.fork_run(parent, from_step=1, by="tests")
-    assert not service.lineage(parent).forks
+        agent.fork_run(parent, from_step=1, by="tests")
+    assert not agent.lineage(parent).forks
     with pytest.raises(InvalidInput, match="instruction"):
-        service.fork_run(parent, from_step=1, by="tests", instruction="x" * 2001)
-    assert not service.lineage(parent).forks  # nothing was made
+        agent.fork_run(parent, from_step=1, by="tests", instruction="x" * 2001)
+    assert not agent.lineage(parent).forks  # nothing was made
 
 
 def test_the_instruction_goes_to_the_planner_with_the_task(harness: Harness):
@@ -516,3 +517,57 @@ def test_a_person_forks_from_the_run_page_in_a_browser(
     assert (row.parent_run_id, row.forked_from_step, row.created_by) == (parent, 2, operator.name)
     page.click(f'#lineage a[href="/runs/{parent}"]')
     page.wait_for_selector(f'#lineage a[href="/runs/{fork}"]')
+
+
+CLAUDE_TASK = "release the widget (fork e2e with claude)"
+
+
+@pytest.mark.e2e
+def test_claude_plans_a_forks_rest_with_its_instruction_through_a_real_worker(
+    fake_anthropic,
+    service,  # noqa: F811 (the fixture: a service with the fake's key)
+    worker,  # noqa: F811 (the fixture: a real worker whose SDK talks to the fake)
+):
+    """The real SDK against the fake Messages API: the fork's first call is a verify
+    whose prompt carries the instruction and the kept step; Claude answers with the
+    steps still needed, and the delete among them asks for approval again."""
+    from tests.fake_anthropic import finish_reply, more_steps_reply, plan_reply
+    from tests.test_claude_e2e import answer_tool, for_task, step, user_text, wait_for_status
+
+    fake_anthropic.script(
+        plan_reply(
+            [
+                step("noop", "Prepare the release"),
+                step("delete", "Remove the old build", path="old-build"),
+                step("noop", "Announce the release"),
+            ]
+        ),
+        finish_reply("# Released"),
+        more_steps_reply(
+            [step("delete", "Remove the cache", path="cache"), step("noop", "Announce it")],
+            reasoning="the fork asks to remove the cache instead",
+        ),
+        finish_reply("# Released, cache removed"),
+    )
+    parent = service.create_run(CLAUDE_TASK, config={"planner": "anthropic"}, created_by="e2e")
+    assert wait_for_status(service, parent, "paused", "failed").run.status == RunStatus.PAUSED
+    service.approve(parent, by="e2e")
+    assert wait_for_status(service, parent, "completed", "failed").run.status == "completed"
+
+    fork = service.fork_run(parent, from_step=1, by="e2e", instruction="remove the cache instead")
+    paused = wait_for_status(service, fork, "paused", "completed", "failed")
+    assert paused.run.status == RunStatus.PAUSED, paused.run.error
+    waiting = next(s for s in paused.steps if s.id == paused.pending_approval.step_id)
+    assert (waiting.tool, waiting.args, waiting.position) == ("delete", {"path": "cache"}, 2)
+    sent = for_task(fake_anthropic, CLAUDE_TASK)
+    assert [answer_tool(r) for r in sent] == ["submit_plan", "finish", "finish"]
+    asked = user_text(sent[2])
+    assert "Instruction for this fork (from step 1): remove the cache instead" in asked
+    assert "Prepare the release" in asked
+
+    service.approve(fork, by="e2e")
+    done = wait_for_status(service, fork, "completed", "failed")
+    assert done.run.status == RunStatus.COMPLETED, done.run.error
+    assert done.run.report == "# Released, cache removed"
+    log = (workspace(fork) / "effects.log").read_text().splitlines()
+    assert [line for line in log if f" {fork}:" in line] == [f"delete cache {fork}:v2:p2"]
