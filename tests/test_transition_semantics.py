@@ -36,6 +36,7 @@ from app.engine.models import (
     StepStatus,
 )
 from app.store import hot
+from app.store import transition as transition_sql
 from app.store.migrate import upgrade
 from app.store.repo import Guard, Store, make_engine, snapshot_from_row
 from app.store.schema import events, runs, steps
@@ -63,8 +64,9 @@ def test_the_statements_set_the_mapped_columns():
     mapped = {w.column for w in STEP_WRITES} | {"updated_at"}
     assert set(_set_columns(hot.SAVE_STEP)) == mapped
     assert set(_set_columns(hot.SAVE_RUN)) >= {w.column for w in RUN_WRITES}
-    recordset = {c.name for c in hot._updates.c}
-    assert recordset == {name for w in STEP_WRITES for name in w.param_names} | {STEP_KEY}
+    assert set(transition_sql.APPLY_STEP_SET) == mapped - {"updated_at"}
+    params = {name for w in STEP_WRITES for name in w.param_names} | {STEP_KEY}
+    assert set(transition_sql.apply_step_params([])) == {"s_" + name for name in params}
 
 
 def _set_columns(statement: Any) -> list[str]:

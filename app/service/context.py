@@ -30,7 +30,10 @@ REJECTED_STEPS = 50  # rejected calls a plan is checked against (the latest)
 class Context(ServiceBase):
     def _plan_request(self, tx: Tx, row: Row[Any], run: RunSnapshot, action: Plan) -> PlanRequest:
         """What the planner is told; bounded whatever the run's length."""
-        recent = tx.recent_events(run.id, RECENT_EVENTS)
+        # Events up to summarized_through are in the summary already, and the recent
+        # window never reaches back past them: reading only those after is the same
+        # window, read in time bounded by the window rather than by the run's length.
+        recent = tx.recent_events(run.id, RECENT_EVENTS, after_id=row.summarized_through)
         summary = self._fold_memory(tx, row, recent)
         positions = tx.step_positions([e.step_id for e in recent if e.step_id is not None])
         return PlanRequest(

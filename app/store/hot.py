@@ -6,14 +6,22 @@ transition leaves alone is passed as NULL and kept by COALESCE / CASE.
 
 On PostgreSQL an iteration is three statements: READ_FOR_CLAIM, then APPLY
 twice (claiming the run and marking the step begun; saving the outcome). APPLY
-writes a transition's run, step and event changes at once; step updates and
-events travel as JSON arrays, so it keeps one shape whatever their number. Both
-are prepared once per connection (see Prepared), so PostgreSQL does not parse
-and plan them again on every iteration. SQLite runs the same changes statement
-by statement (READ_RUN, DECISION_STEPS, SAVE_RUN, SAVE_STEP, INSERT_EVENTS).
+writes a transition's run changes, its one step update (an iteration's
+transitions have at most one) and its events at once; events travel as a JSON
+array, so it keeps one shape whatever their number. Both are prepared once per
+connection (see Prepared), so PostgreSQL does not parse and plan them again on
+every iteration. SQLite, and PostgreSQL for a transition that updates several
+steps (a re-plan, in a transaction anyway), run the same changes statement by
+statement (READ_RUN, DECISION_STEPS, SAVE_RUN, SAVE_STEP, INSERT_EVENTS).
+
+Each reaches the rows it writes through a unique key, so it costs the same at
+iteration 5,000 as at 10 whatever the planner believes about the tables (with
+autovacuum off it has no statistics at all): a step is updated by its primary
+key alone, never joined against the run's steps, which PostgreSQL would read in
+full to build a hash table.
 
 The columns a transition's own fields write (SAVE_RUN's, SAVE_STEP's and APPLY's
-step updates) are generated from one field map (app/engine/fields.py, compiled by
+step update) are generated from one field map (app/engine/fields.py, compiled by
 app/store/transition.py), the map app/engine/apply.py follows in memory. The guard,
 claim, lease, tick and timestamp columns are no transition field: written here.
 """
@@ -45,11 +53,12 @@ from sqlalchemy import (
     select,
     text,
     true,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
-from sqlalchemy.sql.selectable import TextualSelect
+from sqlalchemy.sql.selectable import CompoundSelect, TextualSelect
 
 from app.engine.models import ACTIVE_STATUSES, RunSnapshot, RunStatus, Step, StepStatus
 from app.store import transition
@@ -64,39 +73,51 @@ def one_of(column: ColumnElement[Any], values: Iterable[object]) -> ColumnElemen
     return or_(*(column == value for value in values))
 
 
+def same(column: ColumnElement[Any], value: Any) -> ColumnElement[bool]:
+    """`column = value` for a NOT NULL column, spelt so that it is no index condition.
+
+    A hot write reaches its row by the primary key alone, and checks the rest on that
+    row. Were `steps.run_id = :run` or `runs.status = 'running'` an index condition,
+    a planner without statistics (autovacuum off: none are ever gathered) may well
+    take that index instead: every step of the run, or every running run, read to
+    write one row."""
+    return column.is_not_distinct_from(value)
+
+
 STEP_COLUMNS = [steps.c[name] for name in Step.model_fields]
 
 
-def decision_steps(run_id: Any, plan_version: Any) -> Select[Any]:
+def decision_steps(run_id: Any, plan_version: Any) -> CompoundSelect[Any]:
     """The steps of a plan that `decide` looks at: every running, failed or rejected
-    one and the first pending one — a handful, however long the plan is."""
+    one and the first pending one — a handful, however long the plan is, ordered by
+    position.
+
+    Each is reached through (run_id, status) or the primary key, so the query reads
+    only those: the plan's own index would read the whole plan, step by step, and so
+    the plan version is compared with `same`, which no index can take."""
     pending = steps.alias("first_pending")
     first_pending = (
         select(pending.c.id)
         .where(
             pending.c.run_id == run_id,
-            pending.c.plan_version == plan_version,
             pending.c.status == StepStatus.PENDING,
+            same(pending.c.plan_version, plan_version),
         )
         .order_by(pending.c.position)
         .limit(1)
         .correlate_except(pending)  # run_id may come from an enclosing query
         .scalar_subquery()
     )
-    return (
-        select(*STEP_COLUMNS)
-        .where(
+    with_status = [
+        select(*STEP_COLUMNS).where(
             steps.c.run_id == run_id,
-            steps.c.plan_version == plan_version,
-            or_(
-                one_of(
-                    steps.c.status, (StepStatus.RUNNING, StepStatus.FAILED, StepStatus.REJECTED)
-                ),
-                steps.c.id == first_pending,
-            ),
+            steps.c.status == status,
+            same(steps.c.plan_version, plan_version),
         )
-        .order_by(steps.c.position)
-    )
+        for status in (StepStatus.RUNNING, StepStatus.FAILED, StepStatus.REJECTED)
+    ]
+    found = union_all(*with_status, select(*STEP_COLUMNS).where(steps.c.id == first_pending))
+    return found.order_by(found.selected_columns.position)
 
 
 DECISION_STEPS = decision_steps(
@@ -140,16 +161,17 @@ SAVE_RUN = (
         runs.c.id == bindparam("p_id", type_=String()),
         # The guard: the lease holder's iteration, or a decision on a paused run...
         or_(
-            _OWNER.is_(None), and_(runs.c.lease_owner == _OWNER, runs.c.status == RunStatus.RUNNING)
+            _OWNER.is_(None),
+            and_(runs.c.lease_owner == _OWNER, same(runs.c.status, RunStatus.RUNNING)),
         ),
         or_(_TICK.is_(None), runs.c.tick == _TICK),
-        or_(_STATUS.is_(None), runs.c.status == _STATUS),
+        or_(_STATUS.is_(None), same(runs.c.status, _STATUS)),
         # ... or a claim: the run is still as the claimant read it (same tick, same
         # lapsed or absent lease holder), active, due, and not leased to anyone alive.
         or_(
             _CLAIM.is_not(True),
             and_(
-                one_of(runs.c.status, ACTIVE_STATUSES),
+                or_(*(same(runs.c.status, status) for status in ACTIVE_STATUSES)),
                 runs.c.lease_owner.is_not_distinct_from(bindparam("g_seen_owner", type_=String())),
                 or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < NOW),
                 or_(runs.c.next_run_at.is_(None), runs.c.next_run_at <= NOW),
@@ -182,7 +204,7 @@ SAVE_STEP = (
     update(steps)
     .where(
         steps.c.id == bindparam("p_step_id", type_=BigInteger()),
-        steps.c.run_id == bindparam("p_run_id", type_=String()),
+        same(steps.c.run_id, bindparam("p_run_id", type_=String())),
     )
     .values(
         updated_at=NOW,
@@ -200,7 +222,6 @@ def _json_rows(name: str, *columns: Any) -> Any:
 
 
 _saved = SAVE_RUN.cte("saved_run")
-_updates = _json_rows("p_step_updates", *transition.STEP_RECORDSET_COLUMNS)
 _new_events = _json_rows(
     "p_events",
     column("step_id", BigInteger()),
@@ -208,19 +229,20 @@ _new_events = _json_rows(
     column("message", Text()),
     column("data", JSONB()),
 )
-_saved_steps = (
+_saved_step = (
     update(steps)
     .where(
-        steps.c.id == _updates.c.step_id,
-        steps.c.run_id == bindparam("p_id", type_=String()),
+        # NULL when the transition updates no step: then no row matches.
+        steps.c.id == bindparam(transition.APPLY_STEP_KEY, type_=BigInteger()),
+        same(steps.c.run_id, bindparam("p_id", type_=String())),
         exists(select(_saved.c.tick)),  # only when the run's guard held
     )
     .values(
         updated_at=NOW,
-        # The same SET clauses as SAVE_STEP's, reading the recordset's columns.
-        **transition.step_set(lambda name, _type: _updates.c[name]),
+        # The same SET clauses as SAVE_STEP's, with parameters named apart from the run's.
+        **transition.APPLY_STEP_SET,
     )
-    .cte("saved_steps")
+    .cte("saved_step")
 )
 _logged = (
     insert(events)
@@ -245,7 +267,7 @@ _commit_mode = func.set_config(
     true(),
 )
 APPLY = select(_saved.c.tick, _commit_mode.label("synchronous_commit")).add_cte(
-    _saved_steps, _logged
+    _saved_step, _logged
 )
 
 

@@ -37,6 +37,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
@@ -225,7 +226,11 @@ class Store:
         """Tx.apply in a transaction of its own. On PostgreSQL a transition that one
         statement writes runs as that statement alone, in autocommit mode: it is
         atomic by itself, and the BEGIN and COMMIT round trips are saved."""
-        alone = not transition.new_steps and transition.human_request is None
+        alone = (
+            not transition.new_steps
+            and transition.human_request is None
+            and len(transition.step_updates) <= 1  # else written statement by statement
+        )
         with self._autocommit() if alone else self.transaction() as tx:
             return tx.apply(
                 run,
@@ -409,7 +414,7 @@ class Tx:
         is fine only for writes whose loss means the same work is simply done again.
         """
         params = self._run_params(run, transition, guard, now, next_run_at, lease_until)
-        if self.conn.dialect.name == "postgresql":
+        if self.conn.dialect.name == "postgresql" and len(transition.step_updates) <= 1:
             params["p_synchronous_commit"] = "on" if durable else "off"
             tick = self._apply_in_one_statement(run, transition, params)
         else:
@@ -430,7 +435,7 @@ class Tx:
             {
                 **params,
                 "p_iteration": run.iteration,
-                "p_step_updates": transition_sql.step_rows(t.step_updates),
+                **transition_sql.apply_step_params(t.step_updates),
                 "p_events": [e.model_dump() for e in t.events],
             },
         ).scalar()
@@ -580,12 +585,14 @@ class Tx:
         return [step_from_row(row) for row in reversed(list(rows))]
 
     def step_positions(self, step_ids: Sequence[int]) -> dict[int, int]:
-        if not step_ids:
+        """Each step's position, looked up by its primary key one by one: as `id IN
+        (...)`, a planner without statistics reads the whole table."""
+        ids = sorted(set(step_ids))
+        if not ids:
             return {}
-        rows = self.conn.execute(
-            select(steps.c.id, steps.c.position).where(steps.c.id.in_(set(step_ids)))
-        )
-        return {row.id: row.position for row in rows}
+        lookups = [select(steps.c.position).where(steps.c.id == i).scalar_subquery() for i in ids]
+        found = self.conn.execute(select(*lookups)).one()
+        return {i: p for i, p in zip(ids, found, strict=True) if p is not None}
 
     def step_results(self, run_id: str, positions: set[int]) -> dict[int, Any]:
         """Results of the run's completed steps at `positions`, by position."""
@@ -617,9 +624,7 @@ class Tx:
 
     def _insert_steps(self, run: RunSnapshot, t: Transition, now: datetime) -> None:
         assert t.new_plan_version is not None
-        last = self.conn.execute(
-            select(func.coalesce(func.max(steps.c.position), 0)).where(steps.c.run_id == run.id)
-        ).scalar_one()
+        last = self.conn.execute(_last_position(run.id)).scalar_one()
         rows = [
             {
                 "run_id": run.id,
@@ -664,10 +669,13 @@ class Tx:
             .limit(limit)
         )
 
-    def recent_events(self, run_id: str, limit: int) -> list[EventRecord]:
+    def recent_events(self, run_id: str, limit: int, *, after_id: int = 0) -> list[EventRecord]:
+        """The run's last `limit` events (of those after `after_id`), oldest first.
+        `after_id` bounds what is read whatever plan PostgreSQL picks: without
+        statistics it may read every event of the run to sort them."""
         newest_first = self._events(
             select(events)
-            .where(events.c.run_id == run_id)
+            .where(events.c.run_id == run_id, events.c.id > after_id)
             .order_by(events.c.id.desc())
             .limit(limit)
         )
@@ -987,6 +995,25 @@ class Tx:
             )
         ).scalar_one()
         return None if found is None else int(found)
+
+
+def _last_position(run_id: str) -> Select[Any]:
+    """The run's last step position (0 before its first plan), as the greatest of the
+    last position in each status: one entry at the end of each (run_id, status) range
+    of ix_steps_run_status_position, not every step the run ever had."""
+    last_by_status = union_all(
+        *(
+            select(
+                select(steps.c.position)
+                .where(steps.c.run_id == run_id, steps.c.status == status)
+                .order_by(steps.c.position.desc())
+                .limit(1)
+                .subquery()
+            )
+            for status in StepStatus
+        )
+    ).subquery()
+    return select(func.coalesce(func.max(last_by_status.c.position), 0))
 
 
 def _approval(row: Row[Any] | None) -> ApprovalRecord | None:

@@ -1,11 +1,12 @@
 """The transition field map (app/engine/fields.py) compiled into SQL.
 
-`set_values` turns the map into an UPDATE's SET clauses, whatever the values come
-from: bound parameters (SAVE_RUN and SAVE_STEP, app/store/hot.py) or the columns of
-a JSON recordset (the step updates of PostgreSQL's one-statement APPLY). The
-parameters for them come from the same map (`run_params`, `step_params`,
-`step_rows`), so the in-memory apply, the PostgreSQL statement and the SQLite
-statements cannot drift apart. The statements are built once, at import.
+`set_values` turns the map into an UPDATE's SET clauses, reading the values from
+bound parameters: `p_<field>` (SAVE_RUN and SAVE_STEP, app/store/hot.py), or
+`s_<field>` for the step update of PostgreSQL's one-statement APPLY, whose run
+fields already take the `p_` names. The parameters for them come from the same map
+(`run_params`, `step_params`, `apply_step_params`), so the in-memory apply, the
+PostgreSQL statement and the SQLite statements cannot drift apart. The statements
+are built once, at import.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    BigInteger,
     Boolean,
     ColumnElement,
     String,
@@ -23,15 +23,13 @@ from sqlalchemy import (
     Text,
     bindparam,
     case,
-    column,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.types import TypeEngine
 
 from app.engine.actions import StepUpdate, Transition
-from app.engine.fields import RUN_WRITES, STEP_KEY, STEP_WRITES, How, Write
+from app.engine.fields import RUN_WRITES, STEP_WRITES, How, Write
 from app.engine.models import RunSnapshot
 from app.store.schema import runs, steps
 
@@ -39,28 +37,21 @@ from app.store.schema import runs, steps
 JsonOrNull = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 PARAM_PREFIX = "p_"
+APPLY_STEP_PREFIX = "s_"
+APPLY_STEP_KEY = APPLY_STEP_PREFIX + "step_id"  # which step APPLY updates (NULL: none)
 
 
-def value_type(table: Table, write: Write, *, recordset: bool = False) -> TypeEngine[Any]:
+def value_type(table: Table, write: Write) -> TypeEngine[Any]:
     """The type a value for `write` travels as: the column's, unsized (a cast to
     VARCHAR(16) would silently truncate), JSON keeping None as SQL NULL."""
     column_type = table.c[write.column].type
     if isinstance(column_type, JSON):
-        return JSONB() if recordset else JsonOrNull
+        return JsonOrNull
     if isinstance(column_type, Text):
         return Text()
     if isinstance(column_type, String):
         return String()
     return type(column_type)()
-
-
-def _param_types(table: Table, writes: Sequence[Write], **kw: bool) -> dict[str, TypeEngine[Any]]:
-    types: dict[str, TypeEngine[Any]] = {}
-    for w in writes:
-        if w.flag is not None:
-            types[w.flag] = Boolean()
-        types[w.field] = value_type(table, w, **kw)
-    return types
 
 
 def set_values(
@@ -83,27 +74,14 @@ def set_values(
     return clauses
 
 
-def bound(name: str, type_: TypeEngine[Any]) -> ColumnElement[Any]:
-    """A value from the bound parameter `p_<name>`."""
-    return bindparam(PARAM_PREFIX + name, type_=type_)
+def bound(prefix: str) -> Callable[[str, TypeEngine[Any]], ColumnElement[Any]]:
+    """Values from the bound parameters `<prefix><name>`."""
+    return lambda name, type_: bindparam(prefix + name, type_=type_)
 
 
-def step_set(value: Callable[[str, TypeEngine[Any]], ColumnElement[Any]]) -> dict[str, Any]:
-    """The SET clauses of a step update, reading its values through `value`."""
-    return set_values(steps, STEP_WRITES, value)
-
-
-RUN_SET = set_values(runs, RUN_WRITES, bound)
-STEP_SET = step_set(bound)
-
-# The columns of a step update as a JSON recordset row (see step_rows).
-STEP_RECORDSET_COLUMNS: list[ColumnClause[Any]] = [
-    column(STEP_KEY, BigInteger()),
-    *(
-        column(name, type_)
-        for name, type_ in _param_types(steps, STEP_WRITES, recordset=True).items()
-    ),
-]
+RUN_SET = set_values(runs, RUN_WRITES, bound(PARAM_PREFIX))
+STEP_SET = set_values(steps, STEP_WRITES, bound(PARAM_PREFIX))
+APPLY_STEP_SET = set_values(steps, STEP_WRITES, bound(APPLY_STEP_PREFIX))
 
 
 def _params(writes: Sequence[Write], source: Any, old: Any = None) -> dict[str, Any]:
@@ -124,6 +102,19 @@ def step_params(u: StepUpdate) -> dict[str, Any]:
     return {PARAM_PREFIX + k: v for k, v in _params(STEP_WRITES, u).items()}
 
 
-def step_rows(updates: Sequence[StepUpdate]) -> list[dict[str, Any]]:
-    """Step updates as rows of a JSON recordset with STEP_RECORDSET_COLUMNS."""
-    return [{STEP_KEY: u.step_id, **_params(STEP_WRITES, u)} for u in updates]
+def apply_step_params(updates: Sequence[StepUpdate]) -> dict[str, Any]:
+    """APPLY_STEP_SET's parameters for the one step update in `updates` (at most one),
+    or for none: a NULL step id, and every field keeping its column."""
+    if len(updates) > 1:
+        raise ValueError("APPLY writes one step update; several are written one by one")
+    update = updates[0] if updates else None
+    values = _params(STEP_WRITES, update) if update else _kept(STEP_WRITES)
+    return {
+        APPLY_STEP_KEY: update.step_id if update else None,
+        **{APPLY_STEP_PREFIX + k: v for k, v in values.items()},
+    }
+
+
+def _kept(writes: Sequence[Write]) -> dict[str, Any]:
+    """Parameters that keep every column (no row is written: only their types count)."""
+    return {name: None for w in writes for name in w.param_names}
