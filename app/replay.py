@@ -20,9 +20,9 @@ from app.store.records import EventRecord
 from app.timeline import RESET, STYLE, group_events
 
 
-@dataclass(frozen=True)
+@dataclass
 class Turn:
-    """One iteration's decisions."""
+    """One iteration's decisions (filled in event by event, see _file)."""
 
     iteration: int
     started_at: datetime
