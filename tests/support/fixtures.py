@@ -428,13 +428,16 @@ def start_worker(
         queues: str | None = None,
         pool: str = "prefork",
         concurrency: int = 1,
+        hostname: str | None = None,
     ) -> Worker:
-        """`queues`: comma-separated queue names (default: all the session's)."""
+        """`queues`: comma-separated queue names (default: all the session's);
+        `hostname`: the node name, `name@host` (default: `<name><n>@` this host)."""
         log = tmp_path / f"worker-{name}-{len(started)}.log"
         argv = [
             sys.executable, "-m", "celery", "-A", "tasks", "worker",
             f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=INFO",
-            "--without-gossip", "--without-mingle", f"--hostname={name}{len(started)}@%h",
+            "--without-gossip", "--without-mingle",
+            f"--hostname={hostname or f'{name}{len(started)}@%h'}",
         ]  # fmt: skip
         if queues is not None:
             argv.append(f"--queues={queues}")
