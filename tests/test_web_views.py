@@ -138,7 +138,8 @@ def test_the_form_refuses_a_post_without_its_csrf_token(signed_in: FlaskClient, 
 
 def test_the_list_filters_by_status_and_pages(signed_in: FlaskClient, harness: Harness, web_app):
     web_app.config["RUNS_PER_PAGE"] = 2
-    ids = [harness.service.create_run(f"list me {i}") for i in range(3)]
+    # Three queued runs after the cancel: more than a page of two even when alone.
+    ids = [harness.service.create_run(f"list me {i}") for i in range(4)]
     harness.service.cancel(ids[0], by="tests")
     cancelled = signed_in.get("/?status=cancelled").text
     assert "list me 0" in cancelled and "list me 1" not in cancelled
