@@ -64,7 +64,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	scripts/ensure-services.sh
-	$(BIN)/python bench/loop_overhead.py
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf .agentloop
