@@ -552,13 +552,14 @@ def test_the_outcome_save_waits_for_the_database_while_the_lease_holds(
     assert sum(line.startswith("effect") for line in effects) == 1
 
 
+@pytest.mark.parametrize("mode", ["fast", "immediate"])  # a clean restart, a crash
 def test_the_first_request_after_a_database_restart_succeeds(
-    private_store: Store, private_postgres: PrivatePostgres, tmp_path: Path
+    mode: str, private_store: Store, private_postgres: PrivatePostgres, tmp_path: Path
 ):
     """Pooled connections closed by a restart failed the first create after it."""
     harness = make_harness(private_store, tmp_path)
     harness.service.create_run("before the restart")  # the pool now holds connections
-    private_postgres.restart("fast")
+    private_postgres.restart(mode)
     run_id = harness.service.create_run("after the restart")
     assert run_row(harness, run_id).status == RunStatus.QUEUED
 

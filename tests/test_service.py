@@ -7,7 +7,9 @@ import json
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import psycopg2.extensions
 import pytest
 from sqlalchemy import event, select, text
 
@@ -230,6 +232,39 @@ def test_sql_statements_per_iteration_do_not_grow_with_the_run(harness: Harness,
     # Odd iterations plan, even ones execute a step: compare like with like.
     assert counts[10] == counts[1000], (counts[10], counts[1000])
     assert counts[11] == counts[999], (counts[11], counts[999])
+
+
+def test_the_database_sees_no_round_trip_besides_the_statements(harness: Harness, store):
+    """Handing out a pooled connection costs no round trip (pool_pre_ping cost one per
+    checkout, three per iteration): every query the server gets is a statement."""
+    harness.planner.script = [steps("noop", "noop", "noop")]
+    harness.service.create_run("counted")
+    harness.step()  # plan
+    sent: list[str] = []  # what psycopg2 sends, pings included
+    statements: list[str] = []  # what SQLAlchemy runs
+
+    class Counting(psycopg2.extensions.cursor):
+        def execute(self, query: Any, vars: Any = None) -> Any:
+            sent.append(str(query))
+            return super().execute(query, vars)
+
+    def counting(dbapi_connection, _record):
+        dbapi_connection.cursor_factory = Counting
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    store.dispose()  # connections made from now on count
+    for engine in store.engines:
+        event.listen(engine, "connect", counting)
+        event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert harness.drain() == 4  # three steps and the verification
+    finally:
+        for engine in store.engines:
+            event.remove(engine, "connect", counting)
+            event.remove(engine, "before_cursor_execute", count)
+    assert statements and len(sent) == len(statements), (sent, statements)
 
 
 # --- people -------------------------------------------------------------------------
