@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy import Connection, event, text
 
-from app.store.repo import Store
+from app.store.repo import Store, make_engine
 from tests.support.fixtures import Harness, steps, wait_until
+from tests.support.private_services import PrivatePostgres
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,18 @@ class TableStats:
     updates: int
     hot_updates: int
     heap_bytes: int
+
+
+@pytest.fixture(scope="module")
+def store(private_postgres: PrivatePostgres) -> Iterator[Store]:
+    """A database on a server of its own (the harness takes it): the counters read
+    here are the whole server's and cluster-wide pruning waits for its oldest
+    transaction, so another test's worker, web app or DROP DATABASE on the shared
+    server would leak into them."""
+    private_postgres.ensure_running()
+    store = Store(make_engine(private_postgres.create_database()))
+    yield store
+    store.dispose()
 
 
 @contextmanager
