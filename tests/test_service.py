@@ -491,3 +491,27 @@ def test_a_reference_to_a_missing_result_is_refused_before_it_runs(harness: Harn
     view = harness.service.status(run_id)
     assert view.run.status == RunStatus.COMPLETED
     assert any("steps.9" in e.message for e in view.events if e.kind == "error")
+
+
+def test_a_run_view_is_read_as_of_one_moment(harness: Harness, store: Store):
+    """A decision committed between the view's reads of the run row and of its
+    approval must not show a paused run with no approval to decide (nor, the other
+    way, a running run beside a pending approval, as a test once saw)."""
+    run_id = paused_for_approval(harness)
+    reads: list[str] = []
+
+    def approve_after_the_row_is_read(conn, cursor, statement, parameters, context, many):
+        if statement.lstrip().upper().startswith("SELECT"):
+            reads.append(statement)
+            if len(reads) == 2:  # the row is read; the rest of the view is not
+                harness.service.approve(run_id, by="ann")
+
+    event.listen(store.engine, "before_cursor_execute", approve_after_the_row_is_read)
+    try:
+        view = harness.service.status(run_id)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", approve_after_the_row_is_read)
+    assert len(reads) > 2
+    assert view.run.status == RunStatus.PAUSED
+    assert view.pending_approval is not None
+    assert harness.service.status(run_id).run.status == RunStatus.RUNNING

@@ -48,8 +48,9 @@ class ApprovalView:
 
 class Queries(ServiceBase):
     def status(self, run_id: str, *, after_event: int = 0) -> RunView:
-        """The run, all its steps and its events after `after_event`. Raises NotFound."""
-        with self.store.transaction() as tx:
+        """The run, all its steps and its events after `after_event`, as of one moment.
+        Raises NotFound."""
+        with self.store.snapshot() as tx:
             return RunView(
                 run=tx.get_run(self._known_id(run_id)),
                 steps=tx.all_steps(run_id),
@@ -89,7 +90,7 @@ class Queries(ServiceBase):
         """An approval with its run, its step and the plan around it. Raises NotFound."""
         if sanitize.text_problem(approval_id):
             raise NotFound(f"no approval with id {approval_id!r}")
-        with self.store.transaction() as tx:
+        with self.store.snapshot() as tx:
             row = tx.get_approval(approval_id)
             if row is None:
                 raise NotFound(f"no approval with id {approval_id!r}")

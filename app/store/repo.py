@@ -235,6 +235,16 @@ class Store:
         with self.engine.begin() as conn:
             yield Tx(conn)
 
+    @contextmanager
+    def snapshot(self) -> Iterator[Tx]:
+        """A read-only transaction whose statements all see the same moment. Under
+        READ COMMITTED each statement sees its own: a view read as a pause commits
+        showed the run still running beside the approval that pause made."""
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+            yield Tx(conn)
+
     def apply(
         self,
         run: RunSnapshot,
