@@ -196,8 +196,21 @@ class ClientDispatcher:
                     channel.queue_purge(name)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.app.close()
+        """Close its connections and forget its pools. Celery's close() does neither:
+        kombu keeps one pool per broker for the life of the process, shared by every
+        app of that broker (left alone when the suite's own app uses it too)."""
+        from kombu import pools
+        from kombu.utils.collections import eqhash
+
+        from tasks import celery_app
+
+        if self.app.conf.broker_write_url != celery_app.conf.broker_write_url:
+            with self.app.connection_for_write() as key:
+                for group in (pools.producers, pools.connections):
+                    pool = dict.pop(group, eqhash(key), None)
+                    if pool is not None:
+                        pool.force_close_all()
+        self.app.close()
 
 
 @dataclass
