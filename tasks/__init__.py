@@ -79,7 +79,7 @@ def queue_depth(app: Celery, queue: str) -> int | None:
 
 class CeleryNotifier:
     """Hands notices to the `agentloop.notify` task on the notify queue (celeryconfig's
-    task_routes), which retries with countdowns. Built only when a channel is
+    task_routes), which retries with countdowns. Used only when a channel is
     configured (app/wiring.py): otherwise a notice costs no message at all."""
 
     def notify(self, notice: Notice, run_id: str) -> None:
