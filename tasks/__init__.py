@@ -59,7 +59,7 @@ class CeleryDispatcher:
 
 def advance_label(run_id: str, tick: int) -> str:
     """What an iteration is called in Flower: the run and the tick it advances (the
-    step is chosen only when the message is consumed)."""
+    step is chosen only when the message is consumed; the task's result names it)."""
     return f"agentloop.advance[{run_id} tick {tick}]"
 
 
@@ -148,12 +148,15 @@ def service() -> AgentService:
     retry_backoff_max=60,
     max_retries=10,
 )
-def advance(run_id: str, tick: int, kind: str | None = None) -> None:
+def advance(run_id: str, tick: int, kind: str | None = None) -> str:
     """One iteration. `kind`: the work the queue it came on is for (plan, tool); a
     message without one (published before queues were split) is done where it lands.
     If the database is away before the claim, Celery delivers this message again with
-    backoff; the service records any other failure itself."""
-    service().advance(run_id, tick, kind=WorkKind(kind) if kind else None)
+    backoff; the service records any other failure itself.
+
+    Returns what it did (`execute step 3 (deploy)`): no result is stored, but the
+    worker logs it and sends it in the task-succeeded event Flower shows as Result."""
+    return service().advance(run_id, tick, kind=WorkKind(kind) if kind else None)
 
 
 @celery_app.task(name="agentloop.sweep", acks_late=True)

@@ -127,6 +127,10 @@ def test_the_embedded_broker_says_nothing_about_a_hostname(caplog: pytest.LogCap
     assert not [r for r in caplog.records if "hostname" in r.getMessage()]
 
 
+def found_all(worker) -> list[dict]:
+    return [json.loads(x) for x in worker.output().splitlines() if x.startswith("{")]
+
+
 def test_a_real_worker_writes_json_lines_with_the_run_id(start_worker, live_service):
     worker = start_worker(beat=False, env={"AGENTLOOP_LOG_FORMAT": "json"})
     run_id = live_service.create_run("noop chain")
@@ -141,5 +145,8 @@ def test_a_real_worker_writes_json_lines_with_the_run_id(start_worker, live_serv
 
     found = wait_until(iteration_lines, what="the worker's lines for the run")
     assert any(x["action"] == "execute" and x["tool"] == "noop" for x in found), found
+    # Celery's success line (and Flower's Result) names the step each iteration ran.
+    results = [x["message"] for x in found_all(worker) if "succeeded in" in x["message"]]
+    assert any("execute step 1 (noop)" in m for m in results), results
     assert all(x["process"] and x["ts"] for x in found)
     assert "No hostname was supplied" not in worker.output()

@@ -51,14 +51,15 @@ def test_a_duplicate_message_is_a_no_op(harness: Harness):
     message = harness.dispatcher.sent[0]
     harness.step()  # the step runs
     before = run_row(harness, run_id)
-    harness.service.advance(message[0], message[1])  # the same message again
+    again = harness.service.advance(message[0], message[1])  # the same message again
+    assert again.startswith("stale message"), again
     after = run_row(harness, run_id)
     assert (after.iteration, after.tick) == (before.iteration, before.tick)
 
 
 def test_a_stale_tick_is_a_no_op(harness: Harness):
     run_id = harness.service.create_run("stale")
-    harness.service.advance(run_id, 99)
+    assert harness.service.advance(run_id, 99).startswith("stale message")
     assert run_row(harness, run_id).iteration == 0
     assert harness.dispatcher.sent == [(run_id, 0, 0)]
 
@@ -519,3 +520,13 @@ def test_a_run_view_is_read_as_of_one_moment(harness: Harness, store: Store):
     assert view.run.status == RunStatus.PAUSED
     assert view.pending_approval is not None
     assert harness.service.status(run_id).run.status == RunStatus.RUNNING
+
+
+def test_an_iteration_says_which_step_it_ran(harness: Harness):
+    """The worker's task returns it: Flower's Result column and the worker log."""
+    harness.planner.script = [steps("noop", "noop")]
+    run_id = harness.service.create_run("two steps")
+    assert harness.service.advance(run_id, 0) == "plan (initial)"
+    tick = harness.dispatcher.sent[-1][1]
+    assert harness.service.advance(run_id, tick) == "execute step 1 (noop)"
+    assert harness.service.advance("no-such-run", 0) == "no such run"

@@ -46,6 +46,17 @@ SAVE_RETRY_FIRST_WAIT = 0.25
 SAVE_RETRY_MAX_WAIT = 4.0
 
 
+def did_label(run: RunSnapshot, action: Action) -> str:
+    """An iteration's work in a few words: `execute step 3 (deploy)`, `plan (replan)`."""
+    match action:
+        case Plan():
+            return f"plan ({action.purpose})"
+        case Execute() | AwaitHuman():
+            step = run.step(action.step_id)
+            return f"{action.type} step {step.position} ({step.tool})"
+    return action.type
+
+
 @dataclass(frozen=True)
 class Claimed:
     """A run this worker has just claimed for slow work, and how long its lease holds."""
@@ -67,10 +78,12 @@ class SlowWork:
 class Iteration(Context, Work):
     @tracing.iteration_span
     @logs.in_iteration  # the run id, iteration, step and tool on every log line
-    def advance(self, run_id: str, tick: int, *, kind: WorkKind | None = None) -> None:
+    def advance(self, run_id: str, tick: int, *, kind: WorkKind | None = None) -> str:
         """Advance a run by one iteration, if this message is still current. `kind`: the
         work the queue this message came from is for; a message that finds the other
         kind due is forwarded to that kind's queue, unclaimed (None: do it here).
+        Returns what the message led to, in a few words (the worker's task returns it:
+        Flower's Result column and the worker log show which step an iteration ran).
 
         Raises the database's OperationalError when it cannot be reached before the
         claim (nothing was written: the message may simply be delivered again). Any
@@ -82,9 +95,9 @@ class Iteration(Context, Work):
         stored = self.store.read_for_claim(run_id)
         if stored is None:
             log.warning("advance: run %s does not exist", run_id)
-            return
-        if not self._claimable(stored.row, tick, now, kind):
-            return
+            return "no such run"
+        if unclaimable := self._unclaimable(stored.row, tick, now, kind):
+            return unclaimable
         run = stored.as_claimed()
         # Until the claim commits, the run may be written only if it is still as read.
         guard = Guard.claim(self.worker_id, stored.row)
@@ -92,22 +105,24 @@ class Iteration(Context, Work):
             action = decide(run, now=now, tools=self.tools.policies())
             logs.bind_action(run, action)
             tracing.decided(run, action)
-            if self._forwarded(run_id, tick, action, kind):
-                return
+            did = did_label(run, action)
+            if forwarded := self._forwarded(run_id, tick, action, kind):
+                return f"{did}: forwarded to the {forwarded} queue"
             claimed = self._claim(stored.row, run, action, now)
-            if claimed is None:
-                return  # another worker claimed the run first, or it changed since read
+            if claimed is None:  # another worker claimed the run first, or it changed
+                return f"{did}: claimed by another worker first"
             metrics.queue_lag(stored.row.next_run_at, now)
             if isinstance(claimed, Transition):
                 self._after_commit(run.id, run.tick, claimed)
                 metrics.iteration(action, time.perf_counter() - started)
-                return
+                return did
             run = claimed.run
             guard = Guard(owner=self.worker_id, tick=run.tick)  # the lease is ours now
             assert isinstance(action, Execute | Plan)  # only slow work leaves _claim unsettled
             work = self._prepare(stored.row, claimed, action)
             self._finish(work, action, self._slow_work(stored.row.planner, work, action))
             metrics.iteration(action, time.perf_counter() - started)
+            return did
         except DBAPIError as exc:
             if database_away(exc):
                 raise  # nothing more can be written now; the lease lapses, others recover
@@ -117,31 +132,38 @@ class Iteration(Context, Work):
             self._fail_internal(run, guard, exc)
             raise
 
-    def _forwarded(self, run_id: str, tick: int, action: Action, kind: WorkKind | None) -> bool:
+    def _forwarded(
+        self, run_id: str, tick: int, action: Action, kind: WorkKind | None
+    ) -> WorkKind | None:
         """Publish this message again on the queue for the work `action` does when it
         came on the other one (the publisher guessed wrong, or could not know: the
-        sweep); the run is left as it is, still due, for a worker of that kind."""
+        sweep); the run is left as it is, still due, for a worker of that kind. Returns
+        that kind when it did."""
         needed = work_of(action)
         if kind is None or needed is None or needed is kind:
-            return False
+            return None
         tracing.forwarded(needed)
         self._publish(run_id, tick, 0, needed)
-        return True
+        return needed
 
-    def _claimable(self, row: Row[Any], tick: int, now: datetime, kind: WorkKind | None) -> bool:
-        """Whether this message may claim the run (the claim itself checks again). Not a
-        stale or duplicate one, nor one for a run leased to a live worker; an early one,
-        early because the broker countdown is capped, is published again for the rest."""
+    def _unclaimable(
+        self, row: Row[Any], tick: int, now: datetime, kind: WorkKind | None
+    ) -> str | None:
+        """Why this message may not claim the run, or None when it may (the claim itself
+        checks again). A stale or duplicate one may not, nor one for a run leased to a
+        live worker; an early one, early because the broker countdown is capped, is
+        published again for the rest."""
         if row.tick != tick or row.status not in ACTIVE_STATUSES:
-            return False
+            return f"stale message (the run is {row.status} at tick {row.tick})"
         if row.lease_expires_at is not None and row.lease_expires_at >= now:
-            return False
+            return "the run is leased to a live worker"
         if row.next_run_at is not None and row.next_run_at > now:
             if row.lease_owner is None:
                 rest = (row.next_run_at - now).total_seconds()
                 self._publish(row.id, tick, rest, kind or WorkKind.TOOL)
-            return False
-        return True
+                return f"early: published again for the last {rest:.0f} s"
+            return "not due yet"
+        return None
 
     @tracing.child_span("agentloop.claim", tracing.claimed)
     def _claim(
