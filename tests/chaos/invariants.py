@@ -210,13 +210,20 @@ class Case:
         healthy: bool = False,
         uninterrupted: bool = False,
         served_by: bool = True,
+        database_crashed: bool = False,
     ) -> dict[str, Any]:
-        """Check the invariants, report the counts, fail the test on any violation."""
+        """Check the invariants, report the counts, fail the test on any violation.
+
+        `database_crashed`: the case crashed PostgreSQL. A step that may run twice
+        (idempotent) is marked running with an asynchronous commit, which such a crash
+        may lose: its tool then runs again with one tool_call event for two starts (a
+        deliberate trade, saving a disk flush per iteration). A non-idempotent step's
+        mark waits for the disk and stays checked."""
         data = self._load()
         self._no_run_lost(data)
         self._no_effect_twice(data)
         self._no_unapproved_guarded_step(data)
-        self._timeline_consistent(data)
+        self._timeline_consistent(data, lost_marks_allowed=database_crashed)
         if healthy:
             self._healthy(data)
         if uninterrupted:
@@ -347,7 +354,9 @@ class Case:
                     f"{calls[0].id}) before it was approved (event {decision.id})",
                 )
 
-    def _timeline_consistent(self, data: dict[str, Any]) -> None:  # (e)
+    def _timeline_consistent(
+        self, data: dict[str, Any], *, lost_marks_allowed: bool
+    ) -> None:  # (e)
         ids = [e.id for e in data["events"]]
         if ids != sorted(set(ids)):
             self.violate("e", "event ids are not strictly increasing")
@@ -366,7 +375,8 @@ class Case:
                 self.violate(
                     "e", f"{where}: {step.attempts} attempt(s) but tool_call attempts {attempts}"
                 )
-            if starts[step.idempotency_key] > len(calls):
+            lost_mark = lost_marks_allowed and step.tool not in NON_IDEMPOTENT
+            if starts[step.idempotency_key] > len(calls) and not lost_mark:
                 self.violate(
                     "e",
                     f"{where}: the tool started {starts[step.idempotency_key]} times, "

@@ -34,7 +34,7 @@ def test_postgres_restart_while_runs_progress(mode: str, case: Case, start_chaos
         # The first create after the restart goes through a pooled connection.
         runs.append(case.create("chaos long chain holding 300ms"))
         case.settle(timeout=120)
-    case.check(healthy=True)
+    case.check(healthy=True, database_crashed=mode == "immediate")
 
 
 def test_postgres_stopped_5s_every_20s(case: Case, start_chaos_worker) -> None:
