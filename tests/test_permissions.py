@@ -87,7 +87,7 @@ def test_deciding_takes_the_approver_role(harness: Harness, make_user: Callable)
 def test_an_approver_that_does_not_exist_is_refused_when_the_run_is_created(
     harness: Harness,
 ):
-    with pytest.raises(InvalidInput, match="config.approvers: names no user: alcie"):
+    with pytest.raises(InvalidInput, match=r"config\.approvers: names no user: alcie"):
         harness.service.create_run("typo", config={"approvers": ["alcie"]})
     harness.service.create_run("by email", config={"approvers": ["oncall@example.com"]})
 
