@@ -67,6 +67,25 @@ def test_create_show_and_list(api, harness: Harness, user: User):
     assert harness.dispatcher.sent[-1][0] == run["id"]
 
 
+def test_the_list_filters_by_creator_time_and_text(api, harness: Harness, user: User):
+    """The filters of the list page and `agentloop runs`, over the API."""
+    mine = api("POST", "/api/runs", {"task": "api filter Needle one"}).json["id"]
+    theirs = harness.service.create_run("api filter needle two", created_by="someone-else")
+
+    def listed(query: str) -> set[str]:
+        response = api("GET", f"/api/runs?limit=200&{query}")
+        assert response.status_code == 200, response.json
+        return {r["id"] for r in response.json["runs"]}
+
+    assert {mine, theirs} <= listed("search=NEEDLE")
+    assert listed(f"search=needle&created_by={user.name}") & {mine, theirs} == {mine}
+    assert {mine, theirs} <= listed("search=needle&since=2000-01-01T00:00:00Z")
+    assert not listed("search=needle&since=2999-01-01T00:00") & {mine, theirs}  # naive: UTC
+    assert not listed("search=needle%25")  # taken literally, not as a pattern
+    refused = api("GET", "/api/runs?since=yesterday")
+    assert refused.status_code == 400 and "since" in refused.json["error"]
+
+
 def test_a_create_retried_with_its_idempotency_key_returns_the_same_run(api):
     """A client whose first answer was lost retries: one run, not two."""
     body = {"task": "api run", "config": {"max_iterations": 7}}

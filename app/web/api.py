@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC
 from functools import wraps
 from typing import Any, TypeVar, cast
 
@@ -314,8 +315,16 @@ def create(*, query: schemas.NoQuery, body: schemas.NewRun) -> ResponseReturnVal
     )
 )
 def index(*, query: schemas.RunsQuery) -> ResponseReturnValue:
+    """The runs list's filters, as `agentloop runs` and the list page have them."""
+    service = deps.service()
     status = query.status.value if query.status is not None else None
-    page = deps.service().list_runs(status=status, limit=query.limit, offset=query.offset)
+    since = query.since
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    page = service.list_runs(
+        status=status, since=since, search=query.search, created_by=query.created_by,
+        limit=query.limit, offset=query.offset,
+    )  # fmt: skip
     return _json(schemas.RunPage(runs=[_run_model(r) for r in page.rows], total=page.total,
                                  limit=query.limit, offset=query.offset))  # fmt: skip
 

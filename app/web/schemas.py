@@ -223,6 +223,18 @@ def _integer(value: Any) -> Any:
 
 
 QueryInt = Annotated[int, BeforeValidator(_integer)]
+
+_DATE = re.compile(r"\d{4}-")
+
+
+def _time(value: Any) -> Any:
+    """A query string's time is ISO 8601 (pydantic would take "0.5" as a Unix time)."""
+    if isinstance(value, str) and not _DATE.match(value):
+        raise ValueError("must be an ISO 8601 time, e.g. 2026-11-30T12:00:00Z")
+    return value
+
+
+QueryTime = Annotated[datetime, BeforeValidator(_time)]
 QUERY = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -236,6 +248,15 @@ class RunsQuery(BaseModel):
     model_config = QUERY
 
     status: RunStatus | None = Field(None, description="Only runs with this status")
+    created_by: Name | None = Field(None, description="Only runs this user started")
+    since: QueryTime | None = Field(
+        None, description="Only runs created at or after this time (UTC unless it says)"
+    )
+    search: (
+        Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=NO_NUL)] | None
+    ) = Field(
+        None, description="Only runs whose task contains this text (any case, taken literally)"
+    )
     limit: QueryInt = Field(50, ge=1, le=MAX_LIMIT, description="Runs per page")
     offset: QueryInt = Field(0, ge=0, le=MAX_OFFSET, description="Runs to skip")
 
