@@ -77,20 +77,23 @@ def scrub(value: Any, depth: int = 0) -> Any:
 
 
 def _clean(value: Any, depth: int) -> bool:
+    """Whether `value` needs no scrubbing: one pass that only looks (every
+    transition is checked, nearly all are clean); ASCII text always encodes."""
     if isinstance(value, str):
-        return text_problem(value) is None
+        return "\x00" not in value and (value.isascii() or _encodable(value))
+    if isinstance(value, dict):
+        return depth < MAX_DEPTH and all(
+            _clean(k, depth) and _clean(v, depth + 1) for k, v in value.items()
+        )
+    if isinstance(value, list | tuple):
+        return depth < MAX_DEPTH and all(_clean(item, depth + 1) for item in value)
     if isinstance(value, float):
         return math.isfinite(value)
-    if isinstance(value, dict | list | tuple) and depth >= MAX_DEPTH:
-        return False
-    if isinstance(value, dict):
-        return all(_clean(k, depth) and _clean(v, depth + 1) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return all(_clean(item, depth + 1) for item in value)
     return True
 
 
 def _scrubbed(value: Any, depth: int) -> Any:
+    """`value` rebuilt whole (taken only once something in it needs replacing)."""
     if isinstance(value, str):
         return scrub_text(value)
     if isinstance(value, float):
@@ -98,9 +101,9 @@ def _scrubbed(value: Any, depth: int) -> Any:
     if isinstance(value, dict | list | tuple) and depth >= MAX_DEPTH:
         return TOO_DEEP
     if isinstance(value, dict):
-        return {scrub(k, depth): scrub(v, depth + 1) for k, v in value.items()}
+        return {_scrubbed(k, depth): _scrubbed(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [scrub(item, depth + 1) for item in value]
+        return [_scrubbed(item, depth + 1) for item in value]
     return value
 
 
@@ -112,28 +115,44 @@ def _encodable(text: str) -> bool:
     return True
 
 
+# The fields of each part of a transition whose values may come from outside.
+EVENT_FIELDS = ("message", "data")
+STEP_UPDATE_FIELDS = ("result", "error", "args", "context_updates")
+NEW_STEP_FIELDS = ("description", "tool", "args")
+RUN_FIELDS = ("report", "error", "context_updates")
+
+
 def scrub_transition(transition: Transition) -> Transition:
     """`transition` with every value that came from outside (a model's plan and
     report, a tool's result and error, the messages that quote them) fit for the
-    database; itself when all of it already was."""
+    database; itself when all of it already was (checked first, building nothing)."""
+    if _transition_clean(transition):
+        return transition
     changes: dict[str, Any] = {
-        "events": [_scrub_fields(e, "message", "data") for e in transition.events],
-        "step_updates": [
-            _scrub_fields(u, "result", "error", "args", "context_updates")
-            for u in transition.step_updates
-        ],
-        "new_steps": [
-            _scrub_fields(p, "description", "tool", "args") for p in transition.new_steps
-        ],
-        "report": scrub(transition.report),
-        "error": scrub(transition.error),
-        "context_updates": scrub(transition.context_updates),
+        "events": [_scrub_fields(e, *EVENT_FIELDS) for e in transition.events],
+        "step_updates": [_scrub_fields(u, *STEP_UPDATE_FIELDS) for u in transition.step_updates],
+        "new_steps": [_scrub_fields(p, *NEW_STEP_FIELDS) for p in transition.new_steps],
+        **{name: scrub(getattr(transition, name)) for name in RUN_FIELDS},
         "human_request": transition.human_request
         and _scrub_fields(transition.human_request, "reason"),
     }
     if all(_same(changes[name], getattr(transition, name)) for name in changes):
         return transition
     return transition.model_copy(update=changes)
+
+
+def _transition_clean(t: Transition) -> bool:
+    return (
+        _fields_clean(t, RUN_FIELDS)
+        and all(_fields_clean(e, EVENT_FIELDS) for e in t.events)
+        and all(_fields_clean(u, STEP_UPDATE_FIELDS) for u in t.step_updates)
+        and all(_fields_clean(p, NEW_STEP_FIELDS) for p in t.new_steps)
+        and (t.human_request is None or _clean(t.human_request.reason, 0))
+    )
+
+
+def _fields_clean(model: BaseModel, names: tuple[str, ...]) -> bool:
+    return all(_clean(getattr(model, name), 0) for name in names)
 
 
 def _same(new: Any, old: Any) -> bool:
@@ -147,7 +166,6 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 def _scrub_fields(model: Model, *names: str) -> Model:
-    values = {name: getattr(model, name) for name in names}
-    if all(_clean(value, 0) for value in values.values()):
+    if _fields_clean(model, names):
         return model
-    return model.model_copy(update={name: scrub(value) for name, value in values.items()})
+    return model.model_copy(update={name: scrub(getattr(model, name)) for name in names})
