@@ -6,6 +6,7 @@ store persists it, the planner and tools read it. No I/O, no frameworks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -166,13 +167,28 @@ class RunConfig(BaseModel):
     def from_stored(cls, stored: Mapping[str, Any]) -> RunConfig:
         """A config as a run stored it, read leniently: strict validation belongs to
         creation. A field a later release dropped is ignored, and one whose value no
-        longer validates takes its default, so an upgrade never fails active runs."""
+        longer validates takes its default, so an upgrade never fails active runs.
+        Every iteration reads its run's config: the same text is validated once (a
+        RunConfig is frozen, so every reader can share the one instance)."""
+        try:
+            text = json.dumps(stored)
+        except (TypeError, ValueError, RecursionError):  # not JSON: read as given, uncached
+            return cls._read_leniently(stored)
+        return _stored_config(cls, text)
+
+    @classmethod
+    def _read_leniently(cls, stored: Mapping[str, Any]) -> RunConfig:
         known = _known_fields(cls, stored)
         try:
             return cls.model_validate(known)
         except ValidationError as exc:
             invalid = {err["loc"][0] for err in exc.errors() if err["loc"]}
             return cls.model_validate({k: v for k, v in known.items() if k not in invalid})
+
+
+@functools.lru_cache(maxsize=256)  # bounded: a worker sees few distinct configs at once
+def _stored_config(model: type[RunConfig], text: str) -> RunConfig:
+    return model._read_leniently(json.loads(text))
 
 
 def _known_fields(model: type[BaseModel], stored: Mapping[str, Any]) -> dict[str, Any]:
