@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from app.engine.actions import (
     Failure,
     LlmUsage,
+    NoAlternative,
     PlanFinished,
     PlanInvalid,
     PlannerFatal,
@@ -395,6 +396,38 @@ def test_replan_prompt_carries_the_failure_and_the_rejection(
     assert "Do not propose that action again" in text
     assert "must not be redone" in text
     assert '"position":2' in text and '"url":"https://staging"' in text
+
+
+def test_no_alternative_to_a_rejected_step_is_an_answer_of_its_own(
+    planner: AnthropicPlanner, fake: FakeAnthropic
+) -> None:
+    """Claude may say that nothing without the rejected step does the task: the run
+    then ends as the person decided, instead of failing on repeated invalid plans."""
+    failure = Failure(
+        step_id=3, description="Deploy", tool="deploy", args={"env": "prod"},
+        error="rejected by alice: not on a Friday", error_class=None, attempts=0,
+        rejection_reason="rejected by alice: not on a Friday",
+    )  # fmt: skip
+    both = {"reasoning": "r", "steps": [TESTS], "no_alternative": "x"}
+    outcome = run(
+        planner,
+        fake,
+        tool_reply("submit_plan", both),
+        tool_reply("submit_plan", {"reasoning": "r", "no_alternative": ""}),
+        tool_reply("submit_plan", {"reasoning": "r", "no_alternative": "only deploy ships it"}),
+        purpose="replan",
+        failure=failure,
+        config=config(max_plan_repairs=2),
+    )
+
+    assert isinstance(outcome, NoAlternative), outcome
+    assert outcome.reason == "only deploy ships it" and len(outcome.usage) == 3
+    first_fix, second_fix = (messages(r)[-1]["content"][0]["content"] for r in fake.requests[1:])
+    assert "either steps or no_alternative, not both" in first_fix
+    assert "no_alternative" in second_fix  # too short: said against its field
+    tools = {t["name"]: t for t in fake.requests[0].body["tools"]}
+    assert "no_alternative" in tools["submit_plan"]["input_schema"]["properties"]
+    assert "say why in `no_alternative`" in fake.requests[0].body["system"][0]["text"]
 
 
 def test_replan_after_a_failure_carries_error_class_and_attempts(

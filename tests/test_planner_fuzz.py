@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.engine.actions import (
+    NoAlternative,
     PlanFinished,
     PlanInvalid,
     PlannerFatal,
@@ -41,7 +42,9 @@ from tests.test_anthropic_planner import DEPLOY, MODEL, SET_ENV, TESTS, check, r
 
 EXAMPLES = 800  # plans; each is scripted two to four answers
 MIN_ANSWERS = 1000
-OUTCOMES = (PlanProduced, PlanFinished, PlanInvalid, PlannerUnavailable, PlannerFatal)
+OUTCOMES = (
+    PlanProduced, PlanFinished, NoAlternative, PlanInvalid, PlannerUnavailable, PlannerFatal,
+)  # fmt: skip
 
 # --- strategies -------------------------------------------------------------------------
 
@@ -87,6 +90,8 @@ plan_inputs = st.one_of(
     st.builds(lambda s: {"steps": s}, st.lists(odd_step, max_size=3)),
     st.builds(lambda r: {"done": True, "report": r}, odd_text),
     st.builds(lambda s: {"done": False, "steps": s}, good_steps),
+    st.builds(lambda r: {"reasoning": "ok", "no_alternative": r}, odd_text),
+    st.builds(lambda s, r: {"steps": s, "no_alternative": r}, good_steps, odd_text),
     json_values,  # objects of any shape, and inputs that are no object at all
 )
 tool_names = st.sampled_from(["submit_plan", "finish", "deploy", "", "bad name!", None, 7])

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from app.engine.actions import (
     LlmUsage,
+    NoAlternative,
     PlanFinished,
     PlanInvalid,
     PlannerFatal,
@@ -85,6 +86,15 @@ class SubmitPlan(BaseModel):
 
     reasoning: str = Field("", max_length=2000)
     steps: PlanSteps
+
+
+class SubmitNoAlternative(BaseModel):
+    """No plan: nothing without the step a person rejected can do the task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reasoning: str = Field("", max_length=2000)
+    no_alternative: str = Field(min_length=1, max_length=2000)
 
 
 class FinishDone(BaseModel):
@@ -621,7 +631,7 @@ def _raw(answer: _Answer | None) -> Any:
 
 def _judge(
     answer: _Answer, request: PlanRequest, check: PlanCheck, *, expected: str, max_tokens: int
-) -> PlanProduced | PlanFinished | PlannerFatal | Problems:
+) -> PlanProduced | PlanFinished | NoAlternative | PlannerFatal | Problems:
     """The outcome an answer gives, or the problems to send back to the model."""
     if answer.stop_reason == "refusal":
         return PlannerFatal(
@@ -667,8 +677,15 @@ def _missing_call(answer: _Answer, expected: str) -> str:
     return f"you answered without calling `{expected}`; answer only by calling it"
 
 
-def _parse_input(expected: str, data: object) -> PlanProduced | PlanFinished | Problems:
+def _parse_input(
+    expected: str, data: object
+) -> PlanProduced | PlanFinished | NoAlternative | Problems:
     try:
+        if expected == SUBMIT_PLAN and isinstance(data, dict) and "no_alternative" in data:
+            if "steps" in data:
+                return [f"{SUBMIT_PLAN} input: give either steps or no_alternative, not both"]
+            none = SubmitNoAlternative.model_validate(data)
+            return NoAlternative(reason=none.no_alternative)
         if expected == SUBMIT_PLAN:
             plan = SubmitPlan.model_validate(data)
             return PlanProduced(steps=plan.steps, reasoning=plan.reasoning)

@@ -89,7 +89,9 @@ Never redo them; plan only the remaining work.
 unless something changes: fix the cause first (for example set a missing variable), \
 then retry the action. A transient error that exhausted its retries may need another way.
 - If a person rejected a step, do not propose that action again (the same tool with \
-the same or equivalent arguments). Respect the reason they gave and find another way.
+the same or equivalent arguments). Respect the reason they gave and find another way. \
+If the task cannot be done without what they refused, call `{SUBMIT_PLAN}` without \
+steps and say why in `no_alternative`: the run then ends as their decision.
 
 ## Verifying
 - When every step has finished, compare the task with the observations. If the task \
@@ -627,9 +629,18 @@ def _submit_plan_tool(names: list[str]) -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {
                 "reasoning": _REASONING,
-                "steps": _steps_schema(names, "The steps, in execution order."),
+                "steps": _steps_schema(
+                    names, "The steps, in execution order (left out with no_alternative)."
+                ),
+                "no_alternative": {
+                    "type": "string",
+                    "maxLength": 2000,
+                    "description": "Only after a person rejected a step, when nothing "
+                    "without it can do the task: why, instead of steps. The run ends as "
+                    "that person decided.",
+                },
             },
-            "required": ["reasoning", "steps"],
+            "required": ["reasoning"],
         },
     }
 
