@@ -553,3 +553,16 @@ def test_an_approval_given_in_one_context_is_not_valid_in_another():
     assert isinstance(decide(approved, now=NOW, tools=TOOLS), AwaitHuman)
     same = approved.model_copy(update={"context": {"A": "1"}})
     assert isinstance(decide(same, now=NOW, tools=TOOLS), Execute)
+
+
+def test_a_stored_config_is_validated_once_and_read_as_it_is_now():
+    """Each iteration reads its run's config: the same stored text shares one frozen
+    instance, and a changed config is read anew, never served from before."""
+    stored = {"max_iterations": 7, "dropped_by_a_release": True}
+    first = RunConfig.from_stored(stored)
+    assert RunConfig.from_stored(dict(stored)) is first
+    assert first.max_iterations == 7
+    stored["max_iterations"] = 9
+    assert RunConfig.from_stored(stored).max_iterations == 9
+    with pytest.raises(ValidationError):
+        first.max_iterations = 8  # shared, so it must not change under another reader
