@@ -93,12 +93,24 @@ def redis_db() -> Iterator[int]:
         require("Redis", exc)
     yield REDIS_DB
     drop_queue(client)
+    forget_exchanges(client)
     client.close()
+
+
+SESSION_QUEUES = (QUEUE, f"{QUEUE}.plan", f"{QUEUE}.notify")
+
+
+def forget_exchanges(client: Any) -> None:
+    """Delete kombu's bindings of the session's exchanges (one per queue, named after
+    it): kept by Redis after the session, they piled up run after run. Only at the
+    end: a test that loses its queues keeps the bindings, as a broker would."""
+    for queue in SESSION_QUEUES:
+        client.delete(f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
 
 
 def drop_queue(client: Any) -> None:
     """Delete the session's queues (and their priority lists): what a broker loses."""
-    for queue in (QUEUE, f"{QUEUE}.plan", f"{QUEUE}.notify"):
+    for queue in SESSION_QUEUES:
         client.delete(queue)
         for key in client.scan_iter(f"{queue}\x06\x16*"):  # kombu's priority lists
             client.delete(key)
