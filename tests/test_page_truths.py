@@ -12,8 +12,11 @@ from app.engine.models import RunStatus
 from app.service.permissions import Actor
 from tests.support.fixtures import Harness
 from tests.support.pages import Site, site  # noqa: F401 - a fixture
-from tests.support.web import PASSWORD, paused_run
-from tests.test_browser import served  # noqa: F401 - a fixture
+from tests.support.web import paused_run
+from tests.test_browser import (
+    served,  # noqa: F401 - a fixture
+    sign_in_with,
+)
 
 
 def badges(page: str) -> list[str]:
@@ -43,10 +46,7 @@ def test_the_resume_flash_goes_when_the_run_ends(browser, site: Site):  # noqa: 
     run_id = paused_run(site.harness, created_by="ada", approvers=[site.admin.name])
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
-    page.goto(site.url + "/login")
-    page.fill("#name", site.admin.name)
-    page.fill("#password", PASSWORD)
-    page.click("main button[type=submit]")
+    sign_in_with(page, site.url, site.admin.name)
     page.goto(f"{site.url}/runs/{run_id}")
     page.click("#pending button[data-action=approve]")
     page.wait_for_selector(".flash:has-text('Decision recorded')")

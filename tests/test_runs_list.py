@@ -16,8 +16,10 @@ from app.engine.models import RunStatus
 from app.stall import MIN_STALL_SECONDS
 from tests.support.fixtures import Harness, steps
 from tests.support.pages import Site, site  # noqa: F401 - a fixture
-from tests.support.web import PASSWORD
-from tests.test_browser import served  # noqa: F401 - a fixture
+from tests.test_browser import (
+    served,  # noqa: F401 - a fixture
+    sign_in_with,
+)
 
 
 def rows(page: str) -> list[str]:
@@ -125,10 +127,7 @@ def test_the_list_updates_itself_in_a_browser(browser, site: Site):  # noqa: F81
     tag = token_hex(4)
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
-    page.goto(site.url + "/login")
-    page.fill("#name", site.admin.name)
-    page.fill("#password", PASSWORD)
-    page.click("main button[type=submit]")
+    sign_in_with(page, site.url, site.admin.name)
     page.goto(f"{site.url}/?q={tag}")
     page.wait_for_selector("#list-live:has-text('live')")
     page.evaluate("window.__notReloaded = true")
