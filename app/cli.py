@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 
@@ -151,9 +151,7 @@ def run(
     view = service.status(run_id)
     click.echo(f"run {run_id} created (planner: {view.run.planner})")
     if follow:
-        from app.demo import follow_run
-
-        raise SystemExit(follow_run(service, run_id, ask=None, color=sys.stdout.isatty()))
+        _follow_to_the_end(service, run_id)
 
 
 @main.command()
@@ -656,10 +654,16 @@ def runs_command(
 @friendly_errors
 def follow(run_id: str) -> None:
     """Print a run's timeline as it grows, until it ends or pauses for a person."""
-    from app.demo import follow_run
-
     _, service = connect(broker=False)
     service.status(run_id)  # NotFound before anything is printed
+    _follow_to_the_end(service, run_id)
+
+
+def _follow_to_the_end(service: AgentService, run_id: str) -> NoReturn:
+    """Print the run's timeline as it grows; exit with what its end means (a pause
+    for a person ends the following too)."""
+    from app.demo import follow_run
+
     raise SystemExit(follow_run(service, run_id, ask=None, color=sys.stdout.isatty()))
 
 
@@ -772,9 +776,7 @@ def fork(run_id: str, from_step: int, instruction: str | None, follow: bool) -> 
     )
     click.echo(f"run {fork_id} forked from run {run_id} at step {from_step}")
     if follow:
-        from app.demo import follow_run
-
-        raise SystemExit(follow_run(service, fork_id, ask=None, color=sys.stdout.isatty()))
+        _follow_to_the_end(service, fork_id)
 
 
 @main.command()
