@@ -271,26 +271,49 @@ def run_rate(task: str, runs: int = 1, **config: Any) -> float:
     return float(iterations) / seconds(started, finished)
 
 
+def step_rate(task: str, tool: str) -> tuple[float, float]:
+    """Iterations per second of one run of `task`: over its `tool` steps alone, and over
+    the whole run.
+
+    The steps' rate is what an iteration of such a step costs: from the first step's
+    outcome to the last one's, `count - 1` iterations (as the floor's first_at..last_at
+    spans hops - 1). The whole run's also holds its two planner iterations (the plan
+    and the verification), which cost several times a step's."""
+    (run_id,) = create_runs(task, 1)
+    _, _, iterations, started, finished = wait_runs([run_id])
+    count, first, last = sql(
+        "SELECT count(*), min(updated_at), max(updated_at) FROM steps "
+        "WHERE run_id = :id AND tool = :tool AND status = 'completed'",
+        id=run_id,
+        tool=tool,
+    )[0]
+    return (count - 1) / seconds(first, last), float(iterations) / seconds(started, finished)
+
+
 # --- scenarios -----------------------------------------------------------------------
 
 
 def iteration_vs_floors(kind: str, rounds: int) -> None:
-    """Alternating rounds of the bare floor, the fair floor and `kind` runs."""
+    """Alternating rounds of the bare floor, the fair floor and a run of `kind` steps."""
     hops = NOOP_RUN_STEPS + 2
-    bares, fairs, engines = [], [], []
+    bares, fairs, engines, wholes = [], [], [], []
     with floor_worker(), engine_worker():
         for n in range(1, rounds + 1):
             bares.append(run_floor(floors.bare, 1, hops))
             fairs.append(run_floor(floors.fair, 1, hops))
-            engines.append(run_rate(f"bench {kind}"))
+            steps, whole = step_rate(f"bench {kind}", kind)
+            engines.append(steps)
+            wholes.append(whole)
             say(
                 f"  round {n}: bare {bares[-1]:.0f} hops/s, fair {fairs[-1]:.0f} hops/s, "
-                f"{kind} {engines[-1]:.0f} iterations/s"
+                f"{kind} steps {engines[-1]:.0f} iterations/s (whole run {whole:.0f}/s)"
             )
     say(
-        f"{kind} iteration: {statistics.median(engines):.0f}/s; "
+        f"{kind} step iteration: {statistics.median(engines):.0f}/s; "
         f"÷ bare floor {median_range([e / b for e, b in zip(engines, bares, strict=True)])}, "
-        f"÷ fair floor {median_range([e / f for e, f in zip(engines, fairs, strict=True)])} "
+        f"÷ fair floor {median_range([e / f for e, f in zip(engines, fairs, strict=True)])}; "
+        f"whole runs (with the plan and the verification) {statistics.median(wholes):.0f}/s, "
+        f"÷ fair floor {median_range([w / f for w, f in zip(wholes, fairs, strict=True)])} "
         f"(median of {rounds} rounds)"
     )
 
