@@ -20,17 +20,23 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from secrets import token_hex
 from typing import Any
 
 from sqlalchemy import (
     URL,
+    BigInteger,
     ColumnElement,
     Connection,
     Engine,
+    Executable,
+    Integer,
     Result,
     Row,
     Select,
+    String,
+    bindparam,
     create_engine,
     event,
     func,
@@ -587,17 +593,11 @@ class Tx:
     # --- steps ----------------------------------------------------------------------
 
     def plan_steps(self, run_id: str, plan_version: int) -> list[Step]:
-        rows = self.conn.execute(
-            select(*hot.STEP_COLUMNS)
-            .where(steps.c.run_id == run_id, steps.c.plan_version == plan_version)
-            .order_by(steps.c.position)
-        )
+        rows = self.conn.execute(PLAN_STEPS, {"p_run_id": run_id, "p_plan_version": plan_version})
         return [step_from_row(row) for row in rows]
 
     def all_steps(self, run_id: str) -> list[Step]:
-        rows = self.conn.execute(
-            select(*hot.STEP_COLUMNS).where(steps.c.run_id == run_id).order_by(steps.c.position)
-        )
+        rows = self.conn.execute(ALL_STEPS, {"p_run_id": run_id})
         return [step_from_row(row) for row in rows]
 
     def completed_steps(self, run_id: str, *, limit: int) -> list[Step]:
@@ -610,10 +610,7 @@ class Tx:
 
     def _latest_steps(self, run_id: str, status: StepStatus, limit: int) -> list[Step]:
         rows = self.conn.execute(
-            select(*hot.STEP_COLUMNS)
-            .where(steps.c.run_id == run_id, steps.c.status == status)
-            .order_by(steps.c.position.desc())
-            .limit(limit)
+            LATEST_STEPS, {"p_run_id": run_id, "p_status": status, "p_limit": limit}
         )
         return [step_from_row(row) for row in reversed(list(rows))]
 
@@ -623,18 +620,15 @@ class Tx:
         ids = sorted(set(step_ids))
         if not ids:
             return {}
-        lookups = [select(steps.c.position).where(steps.c.id == i).scalar_subquery() for i in ids]
-        found = self.conn.execute(select(*lookups)).one()
+        found = self.conn.execute(
+            _positions_by_id(len(ids)), {f"p_id_{n}": i for n, i in enumerate(ids)}
+        ).one()
         return {i: p for i, p in zip(ids, found, strict=True) if p is not None}
 
     def step_results(self, run_id: str, positions: set[int]) -> dict[int, Any]:
         """Results of the run's completed steps at `positions`, by position."""
         rows = self.conn.execute(
-            select(steps.c.position, steps.c.result).where(
-                steps.c.run_id == run_id,
-                steps.c.position.in_(positions),
-                steps.c.status == StepStatus.COMPLETED,
-            )
+            STEP_RESULTS, {"p_run_id": run_id, "p_positions": sorted(positions)}
         )
         return {row.position: row.result for row in rows}
 
@@ -657,7 +651,7 @@ class Tx:
 
     def _insert_steps(self, run: RunSnapshot, t: Transition, now: datetime) -> None:
         assert t.new_plan_version is not None
-        last = self.conn.execute(_last_position(run.id)).scalar_one()
+        last = self.conn.execute(LAST_POSITION, {"p_run_id": run.id}).scalar_one()
         rows = [
             {
                 "run_id": run.id,
@@ -669,7 +663,7 @@ class Tx:
             }
             for i, planned in enumerate(t.new_steps, 1)
         ]
-        self.conn.execute(insert(steps), rows)
+        self.conn.execute(INSERT_STEPS, rows)
 
     # --- events ---------------------------------------------------------------------
 
@@ -696,10 +690,7 @@ class Tx:
 
     def events_after(self, run_id: str, after_id: int = 0, limit: int = 500) -> list[EventRecord]:
         return self._events(
-            select(events)
-            .where(events.c.run_id == run_id, events.c.id > after_id)
-            .order_by(events.c.id)
-            .limit(limit)
+            EVENTS_AFTER, {"p_run_id": run_id, "p_after_id": after_id, "p_limit": limit}
         )
 
     def recent_events(self, run_id: str, limit: int, *, after_id: int = 0) -> list[EventRecord]:
@@ -707,10 +698,7 @@ class Tx:
         `after_id` bounds what is read whatever plan PostgreSQL picks: without
         statistics it may read every event of the run to sort them."""
         newest_first = self._events(
-            select(events)
-            .where(events.c.run_id == run_id, events.c.id > after_id)
-            .order_by(events.c.id.desc())
-            .limit(limit)
+            RECENT_EVENTS, {"p_run_id": run_id, "p_after_id": after_id, "p_limit": limit}
         )
         return list(reversed(newest_first))
 
@@ -718,14 +706,17 @@ class Tx:
         self, run_id: str, *, after_id: int, before_id: int, limit: int
     ) -> list[EventRecord]:
         return self._events(
-            select(events)
-            .where(events.c.run_id == run_id, events.c.id > after_id, events.c.id < before_id)
-            .order_by(events.c.id)
-            .limit(limit)
+            EVENTS_BETWEEN,
+            {
+                "p_run_id": run_id,
+                "p_after_id": after_id,
+                "p_before_id": before_id,
+                "p_limit": limit,
+            },
         )
 
-    def _events(self, query: Select[Any]) -> list[EventRecord]:
-        return [EventRecord.of(row) for row in self.conn.execute(query)]
+    def _events(self, query: Executable, params: dict[str, Any] | None = None) -> list[EventRecord]:
+        return [EventRecord.of(row) for row in self.conn.execute(query, params)]
 
     # --- approvals ------------------------------------------------------------------
 
@@ -1030,7 +1021,37 @@ class Tx:
         return None if found is None else int(found)
 
 
-def _last_position(run_id: str) -> Select[Any]:
+# --- a planner iteration's statements (and their kin), built once --------------------
+# Building a statement costs more Python time than running it (see app/store/hot.py):
+# these are built at import, with bound parameters.
+
+_RUN_ID = bindparam("p_run_id", type_=String())
+_LIMIT = bindparam("p_limit", type_=Integer())
+_AFTER_ID = bindparam("p_after_id", type_=BigInteger())
+
+PLAN_STEPS = (
+    select(*hot.STEP_COLUMNS)
+    .where(
+        steps.c.run_id == _RUN_ID,
+        steps.c.plan_version == bindparam("p_plan_version", type_=Integer()),
+    )
+    .order_by(steps.c.position)
+)
+ALL_STEPS = select(*hot.STEP_COLUMNS).where(steps.c.run_id == _RUN_ID).order_by(steps.c.position)
+LATEST_STEPS = (
+    select(*hot.STEP_COLUMNS)
+    .where(steps.c.run_id == _RUN_ID, steps.c.status == bindparam("p_status", type_=String()))
+    .order_by(steps.c.position.desc())
+    .limit(_LIMIT)
+)
+STEP_RESULTS = select(steps.c.position, steps.c.result).where(
+    steps.c.run_id == _RUN_ID,
+    steps.c.position.in_(bindparam("p_positions", expanding=True)),
+    steps.c.status == StepStatus.COMPLETED,
+)
+
+
+def _last_position(run_id: Any) -> Select[Any]:
     """The run's last step position (0 before its first plan), as the greatest of the
     last position in each status: one entry at the end of each (run_id, status) range
     of ix_steps_run_status_position, not every step the run ever had."""
@@ -1047,6 +1068,34 @@ def _last_position(run_id: str) -> Select[Any]:
         )
     ).subquery()
     return select(func.coalesce(func.max(last_by_status.c.position), 0))
+
+
+LAST_POSITION = _last_position(_RUN_ID)
+INSERT_STEPS = insert(steps)
+
+
+@lru_cache(maxsize=64)
+def _positions_by_id(count: int) -> Select[Any]:
+    """`count` steps' positions (parameters p_id_0...), each a scalar subquery by
+    primary key; built once per count (a planner's recent events name a handful)."""
+    return select(
+        *(
+            select(steps.c.position)
+            .where(steps.c.id == bindparam(f"p_id_{n}", type_=BigInteger()))
+            .scalar_subquery()
+            for n in range(count)
+        )
+    )
+
+
+_EVENTS_OF_RUN = select(events).where(events.c.run_id == _RUN_ID, events.c.id > _AFTER_ID)
+EVENTS_AFTER = _EVENTS_OF_RUN.order_by(events.c.id).limit(_LIMIT)
+RECENT_EVENTS = _EVENTS_OF_RUN.order_by(events.c.id.desc()).limit(_LIMIT)
+EVENTS_BETWEEN = (
+    _EVENTS_OF_RUN.where(events.c.id < bindparam("p_before_id", type_=BigInteger()))
+    .order_by(events.c.id)
+    .limit(_LIMIT)
+)
 
 
 def _approval(row: Row[Any] | None) -> ApprovalRecord | None:
