@@ -261,13 +261,13 @@ def wait_runs(run_ids: list[str], status: str = "completed") -> list[Any]:
     return list(row)
 
 
-def run_rate(task: str, runs: int = 1, **config: Any) -> float:
-    """Iterations per second of `runs` runs of `task` at once.
+def run_rate(run_ids: list[str]) -> float:
+    """Iterations per second of runs `run_ids`, advanced at once, once they all ended.
 
     started_at is set as iteration 1 claims a run and finished_at as the last one
     saves: the span holds all of them but one delivery and one save, so it counts as
     `iteration` iterations (the floor's first_at..last_at is exactly hops - 1)."""
-    _, _, iterations, started, finished = wait_runs(create_runs(task, runs, **config))
+    _, _, iterations, started, finished = wait_runs(run_ids)
     return float(iterations) / seconds(started, finished)
 
 
@@ -331,9 +331,13 @@ def concurrent(args: argparse.Namespace) -> None:
     with floor_worker(pool="prefork", concurrency=2):
         fair = run_floor(floors.fair, FAIR_CHAINS, max(2, iterations // FAIR_CHAINS))
     say(f"  fair floor, {FAIR_CHAINS} chains, prefork 2: {fair:.0f} hops/s")
+    # Created before the worker starts: creating a thousand runs takes this process
+    # seconds of CPU, which would compete with the worker measured (the floor's 100
+    # chains are published in milliseconds).
+    run_ids = create_runs("bench twelve", args.runs)
     with engine_worker(pool="prefork", concurrency=2) as w:
         cpu, database = w.cpu_seconds(), database_cpu()
-        engine = run_rate("bench twelve", args.runs)
+        engine = run_rate(run_ids)
         cpu, database = w.cpu_seconds() - cpu, database_cpu() - database
     per = 1000 / iterations
     say(f"  {args.runs} runs at once, prefork 2: {engine:.0f} iterations/s; CPU per "
