@@ -532,7 +532,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="noop and effect rounds")
     parser.add_argument("--runs", type=int, default=1000, help="concurrent runs")
     parser.add_argument("--long", type=int, default=5000, help="iterations of the long run")
-    parser.add_argument("--paused", type=int, default=1000, help="runs paused at once")
+    parser.add_argument("--paused", type=int, default=10_000, help="runs paused at once")
     parser.add_argument("--approvals", type=int, default=30)
     parser.add_argument("--writes-runs", type=int, default=10)
     args = parser.parse_args()
