@@ -44,7 +44,6 @@ from sqlalchemy import (
     or_,
     select,
     text,
-    union_all,
     update,
 )
 from sqlalchemy.exc import (
@@ -651,19 +650,24 @@ class Tx:
 
     def _insert_steps(self, run: RunSnapshot, t: Transition, now: datetime) -> None:
         assert t.new_plan_version is not None
-        last = self.conn.execute(LAST_POSITION, {"p_run_id": run.id}).scalar_one()
-        rows = [
-            {
-                "run_id": run.id,
-                **new_step_columns(
-                    run.id, t.new_plan_version, last + i, planned, t.carried_approvals.get(i - 1)
-                ),
-                "created_at": now,
-                "updated_at": now,
-            }
+        on_postgresql = self.conn.dialect.name == "postgresql"
+        last = (
+            self._run_prepared(hot.PREPARED_LAST_POSITION, {"p_run_id": run.id})
+            if on_postgresql
+            else self.conn.execute(hot.LAST_POSITION, {"p_run_id": run.id})
+        ).scalar_one()
+        new = [
+            new_step_columns(
+                run.id, t.new_plan_version, last + i, planned, t.carried_approvals.get(i - 1)
+            )
             for i, planned in enumerate(t.new_steps, 1)
         ]
-        self.conn.execute(INSERT_STEPS, rows)
+        if on_postgresql:
+            params = {"p_run_id": run.id, "p_now": now, "p_steps": new}
+            self._run_prepared(hot.PREPARED_INSERT_STEPS, params)
+            return
+        rows = [{"run_id": run.id, **n, "created_at": now, "updated_at": now} for n in new]
+        self.conn.execute(hot.INSERT_STEPS, rows)
 
     # --- events ---------------------------------------------------------------------
 
@@ -1049,29 +1053,6 @@ STEP_RESULTS = select(steps.c.position, steps.c.result).where(
     steps.c.position.in_(bindparam("p_positions", expanding=True)),
     steps.c.status == StepStatus.COMPLETED,
 )
-
-
-def _last_position(run_id: Any) -> Select[Any]:
-    """The run's last step position (0 before its first plan), as the greatest of the
-    last position in each status: one entry at the end of each (run_id, status) range
-    of ix_steps_run_status_position, not every step the run ever had."""
-    last_by_status = union_all(
-        *(
-            select(
-                select(steps.c.position)
-                .where(steps.c.run_id == run_id, steps.c.status == status)
-                .order_by(steps.c.position.desc())
-                .limit(1)
-                .subquery()
-            )
-            for status in StepStatus
-        )
-    ).subquery()
-    return select(func.coalesce(func.max(last_by_status.c.position), 0))
-
-
-LAST_POSITION = _last_position(_RUN_ID)
-INSERT_STEPS = insert(steps)
 
 
 @lru_cache(maxsize=64)
