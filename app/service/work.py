@@ -103,11 +103,15 @@ class Work(ServiceBase):
         are: those parts are validated when the step runs, once filled in.
         """
         refused = {(r.tool, args_hash(r.args)): r for r in rejected}
+        refused_tools = {tool for tool, _ in refused}
         problems: list[str] = []
         for position, step in enumerate(steps, 1):
             unresolved = [ref.where for ref in find_refs(step.args)]
             found = self.tools.check_args(step.tool, step.args, unresolved=unresolved)
-            if earlier := refused.get((step.tool, args_hash(step.args))):
+            # Hashing the args (JSON and SHA-256) only for a tool a person refused a call of.
+            if step.tool in refused_tools and (
+                earlier := refused.get((step.tool, args_hash(step.args)))
+            ):
                 found.append(
                     f"{step.tool} {json.dumps(step.args, sort_keys=True)[:300]} repeats the "
                     f"call of step {earlier.position}, which was {earlier.error}; propose "
