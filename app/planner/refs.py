@@ -39,6 +39,7 @@ _KEY = r"[A-Za-z0-9_-]+"
 _REF = re.compile(rf"(?<!\$)\$\{{steps\.(\d+)\.result((?:\.{_KEY})*)\}}")
 _STARTED = re.compile(r"(?<!\$)\$\{steps\.")
 _ESCAPED = "$${steps."
+_OPENING = "${steps."  # in every reference and every match of _STARTED
 
 ArgPath = tuple[str | int, ...]
 
@@ -79,13 +80,14 @@ def check_refs(
     problems: list[str] = []
     for index, step in enumerate(steps):
         label = f"step {index + 1} of your plan ({step.tool})"
+        # A range, not a set: building a set per step made a long plan's check quadratic.
         earlier = (
-            set() if first_position is None else set(range(first_position, first_position + index))
+            range(0) if first_position is None else range(first_position, first_position + index)
         )
-        allowed = available_positions | earlier
         problems += [f"{label}: {msg}" for msg in _malformed(step.args)]
         for ref in find_refs(step.args):
-            if ref.position not in allowed:
+            if ref.position not in available_positions and ref.position not in earlier:
+                allowed = available_positions | set(earlier)
                 problems.append(f"{label}: {_unavailable(ref, allowed, first_position, index)}")
     return problems
 
@@ -114,6 +116,8 @@ def _strings(value: Any, where: ArgPath) -> Iterable[tuple[ArgPath, str]]:
 
 
 def _refs_in(text: str, where: ArgPath) -> list[Ref]:
+    if _OPENING not in text:  # most strings: no regular expression run for them
+        return []
     return [
         Ref(
             text=match.group(0),
@@ -129,6 +133,8 @@ def _malformed(args: Any) -> list[str]:
     """`${steps.` openings that are not a complete, well-formed reference."""
     problems = []
     for where, text in _strings(args, ()):
+        if _OPENING not in text:
+            continue
         starts = {m.start() for m in _STARTED.finditer(text)}
         good = {m.start() for m in _REF.finditer(text)}
         for start in sorted(starts - good):
