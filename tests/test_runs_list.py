@@ -138,3 +138,27 @@ def test_the_list_updates_itself_in_a_browser(browser, site: Site):  # noqa: F81
     assert page.locator("a[data-status=completed] .count").inner_text() == "1"
     assert page.evaluate("window.__notReloaded") is True  # in place, not reloaded
     context.close()
+
+
+@pytest.mark.e2e
+def test_a_hidden_tab_polls_nothing_until_it_is_shown(browser, site: Site):  # noqa: F811
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    sign_in_with(page, site.url, site.admin.name)
+    polls: list[str] = []
+    page.on("request", lambda r: polls.append(r.url) if "/runs/list/live" in r.url else None)
+    with page.expect_request(lambda r: "/runs/list/live" in r.url):  # the first poll
+        page.goto(f"{site.url}/?q={token_hex(4)}")
+    pause_ms = int(page.get_attribute("#runs-list", "data-poll") or 3000)
+    page.evaluate(
+        "Object.defineProperty(document, 'hidden', {configurable: true, get: () => true})"
+    )
+    polled = len(polls)  # a poll already on its way may still land: it is the last
+    page.wait_for_timeout(4 * pause_ms)  # several polls would have been due by now
+    assert len(polls) <= polled + 1, polls
+    with page.expect_request(lambda r: "/runs/list/live" in r.url):  # shown: it polls at once
+        page.evaluate(
+            "Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});"
+            "document.dispatchEvent(new Event('visibilitychange'))"
+        )
+    context.close()

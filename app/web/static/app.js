@@ -1,4 +1,4 @@
-// agentloop pages: confirmations, and the run page's live updates.
+// agentloop pages: confirmations, and the live updates of the run page and the runs list.
 // Served from /static (the Content-Security-Policy allows no inline script).
 // Every HTML fragment inserted here was rendered and escaped by the server.
 (function () {
@@ -10,6 +10,49 @@
       event.preventDefault();
     }
   });
+
+  // Fetches urlFor() as JSON, `pause` ms after the page loads and then as
+  // onData(data) says: it returns the wait before the next fetch, or null to stop.
+  // A failed fetch calls onTrouble() and is tried again after a wait that doubles
+  // up to `maxWait`. A hidden tab fetches nothing until it is shown again.
+  function pollJson(urlFor, pause, maxWait, onData, onTrouble) {
+    var failures = 0;
+    var dueWhileHidden = false;
+
+    function poll() {
+      if (document.hidden) {
+        dueWhileHidden = true;
+        return;
+      }
+      fetch(urlFor(), { headers: { Accept: "application/json" }, credentials: "same-origin" })
+        .then(function (response) {
+          if (!response.ok) {
+            throw new Error("HTTP " + response.status);
+          }
+          return response.json();
+        })
+        .then(function (data) {
+          failures = 0;
+          var wait = onData(data);
+          if (wait !== null) {
+            window.setTimeout(poll, wait);
+          }
+        })
+        .catch(function () {
+          failures += 1;
+          onTrouble();
+          window.setTimeout(poll, Math.min(maxWait, pause * Math.pow(2, failures)));
+        });
+    }
+
+    document.addEventListener("visibilitychange", function () {
+      if (!document.hidden && dueWhileHidden) {
+        dueWhileHidden = false;
+        poll();
+      }
+    });
+    window.setTimeout(poll, pause);
+  }
 
   function follow(root) {
     var url = root.getAttribute("data-live-url");
@@ -76,87 +119,52 @@
       return !data.terminal || data.more;
     }
 
-    function poll() {
-      var query = "?after=" + encodeURIComponent(after) + "&state=" + encodeURIComponent(state);
-      fetch(url + query, { headers: { Accept: "application/json" }, credentials: "same-origin" })
-        .then(function (response) {
-          if (!response.ok) {
-            throw new Error("HTTP " + response.status);
-          }
-          return response.json();
-        })
-        .then(function (data) {
-          failures = 0;
-          if (apply(data)) {
-            // More new events than one update carries: fetch the rest at once.
-            window.setTimeout(poll, data.more ? 0 : pause);
-          } else {
-            indicator("finished");
-          }
-        })
-        .catch(function () {
-          failures += 1;
-          indicator("reconnecting…");
-          window.setTimeout(poll, Math.min(30000, pause * Math.pow(2, failures)));
-        });
+    function urlFor() {
+      return url + "?after=" + encodeURIComponent(after) + "&state=" + encodeURIComponent(state);
     }
 
-    window.setTimeout(poll, pause);
+    function onData(data) {
+      if (apply(data)) {
+        return data.more ? 0 : pause; // more new events than one update carries: at once
+      }
+      indicator("finished");
+      return null;
+    }
+
+    pollJson(urlFor, pause, 30000, onData, function () {
+      indicator("reconnecting…");
+    });
   }
 
-  document.addEventListener("DOMContentLoaded", function () {
-    var root = document.getElementById("run");
-    if (root && root.getAttribute("data-active") === "1") {
-      follow(root);
-    }
-  });
-})();
-
-// The runs list: re-rendered by the server when a run, a count or the no-worker
-// warning changed (and now and then, so ages move). Without JavaScript the page
-// is the same list, as of its loading.
-(function () {
-  "use strict";
-
+  // The runs list: re-rendered by the server when a run, a count or the no-worker
+  // warning changed (and now and then, so ages move). Without JavaScript the page
+  // is the same list, as of its loading.
   function followList(root) {
     var url = root.getAttribute("data-live-url");
     var state = root.getAttribute("data-state") || "";
     var pause = parseInt(root.getAttribute("data-poll"), 10) || 3000;
     var section = document.getElementById("runs-section");
     var live = document.getElementById("list-live");
-    var failures = 0;
     var separator = url.indexOf("?") === -1 ? "?" : "&";
 
-    function poll() {
-      fetch(url + separator + "state=" + encodeURIComponent(state), {
-        headers: { Accept: "application/json" },
-        credentials: "same-origin"
-      })
-        .then(function (response) {
-          if (!response.ok) {
-            throw new Error("HTTP " + response.status);
-          }
-          return response.json();
-        })
-        .then(function (data) {
-          failures = 0;
-          live.textContent = "live";
-          if (data.html !== undefined) {
-            section.innerHTML = data.html;
-          }
-          state = data.state;
-          root.setAttribute("data-state", state);
-          window.setTimeout(poll, pause);
-        })
-        .catch(function () {
-          failures += 1;
-          live.textContent = "reconnecting…";
-          window.setTimeout(poll, Math.min(60000, pause * Math.pow(2, failures)));
-        });
+    function urlFor() {
+      return url + separator + "state=" + encodeURIComponent(state);
+    }
+
+    function onData(data) {
+      live.textContent = "live";
+      if (data.html !== undefined) {
+        section.innerHTML = data.html;
+      }
+      state = data.state;
+      root.setAttribute("data-state", state);
+      return pause;
     }
 
     live.hidden = false;
-    window.setTimeout(poll, pause);
+    pollJson(urlFor, pause, 60000, onData, function () {
+      live.textContent = "reconnecting…";
+    });
   }
 
   // A flash about the decision just made ("The run resumes.") stops being true
@@ -175,13 +183,14 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
-    var root = document.getElementById("runs-list");
-    if (root) {
-      followList(root);
-    }
     var run = document.getElementById("run");
     if (run && run.getAttribute("data-active") === "1") {
+      follow(run);
       dropFlashesWhenTheRunEnds(run);
+    }
+    var list = document.getElementById("runs-list");
+    if (list) {
+      followList(list);
     }
   });
 })();
