@@ -86,11 +86,7 @@ def celery_broker_settings(settings: Settings) -> dict[str, Any]:
     elif settings.uses_filesystem_broker:
         conf["broker_transport_options"] = _filesystem(settings)
     else:
-        # Redis redelivers an unacknowledged message after visibility_timeout: every
-        # countdown (capped by max_countdown) and every step stays well under it.
-        conf["broker_transport_options"] = {
-            "visibility_timeout": settings.broker_visibility_timeout
-        }
+        conf["broker_transport_options"] = _redis(settings)
     return conf
 
 
@@ -125,6 +121,16 @@ def _rabbitmq(queues: Queues) -> dict[str, Any]:
         # Confirmed publishes: a publish that returned is in the queue.
         "broker_transport_options": {"confirm_publish": True},
     }
+
+
+def _redis(settings: Settings) -> dict[str, Any]:
+    """Redis, through a channel that keeps one client (app/broker.py)."""
+    from app.broker import use_shared_client_redis_transport
+
+    use_shared_client_redis_transport()
+    # Redis redelivers an unacknowledged message after visibility_timeout: every
+    # countdown (capped by max_countdown) and every step stays well under it.
+    return {"visibility_timeout": settings.broker_visibility_timeout}
 
 
 def _filesystem(settings: Settings) -> dict[str, Any]:
