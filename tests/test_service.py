@@ -272,6 +272,46 @@ def test_a_step_costs_three_round_trips_to_the_database(harness: Harness, store)
     assert len(statements) - first == 3, statements[first:]
 
 
+def test_a_planner_iteration_reads_what_the_planner_is_told_in_four_statements(
+    harness: Harness, store
+):
+    """Besides the claim (read, write) and the outcome, a planner iteration reads the
+    plan, the recent events with their steps' positions, the events older than those
+    (to fold into the summary), and the latest completed and rejected steps."""
+    harness.planner.script = [steps("noop", "noop")]
+    harness.service.create_run("counted plan")
+    assert harness.drain(limit=3) == 3  # plan, two steps: the verify is next
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        if not statement.startswith("PREPARE"):  # once per connection, not per iteration
+            statements.append(statement)
+
+    for engine in store.engines:
+        event.listen(engine, "before_cursor_execute", count)
+    try:
+        harness.step()  # the verify: a report, no new steps
+    finally:
+        for engine in store.engines:
+            event.remove(engine, "before_cursor_execute", count)
+    assert len(statements) == 2 + 4 + 1, statements
+
+
+def test_a_planner_is_told_the_position_of_each_recent_events_step(harness: Harness):
+    harness.planner.script = [steps("noop", "noop")]
+    run_id = harness.service.create_run("positions")
+    assert harness.drain() == 4  # plan, two steps, verify
+    view = harness.service.status(run_id)
+    position_of = {step.id: step.position for step in view.steps}
+    told = harness.planner.requests[-1].recent_events
+    assert {e.step_position for e in told} == {None, 1, 2}
+    assert [e.step_position for e in told] == [
+        None if e.step_id is None else position_of[e.step_id]
+        for e in view.events
+        if e.id in {t.id for t in told}
+    ]
+
+
 # --- people -------------------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ length."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Row
@@ -33,9 +32,13 @@ class Context(ServiceBase):
         # Events up to summarized_through are in the summary already, and the recent
         # window never reaches back past them: reading only those after is the same
         # window, read in time bounded by the window rather than by the run's length.
-        recent = tx.recent_events(run.id, RECENT_EVENTS, after_id=row.summarized_through)
-        summary = self._fold_memory(tx, row, recent)
-        positions = tx.step_positions([e.step_id for e in recent if e.step_id is not None])
+        recent = tx.recent_events_with_positions(
+            run.id, RECENT_EVENTS, after_id=row.summarized_through
+        )
+        summary = self._fold_memory(tx, row, [event for event, _ in recent])
+        completed, rejected = tx.completed_and_rejected_steps(
+            run.id, completed=RECENT_COMPLETED_STEPS, rejected=REJECTED_STEPS
+        )
         return PlanRequest(
             run_id=run.id,
             task=run.task,
@@ -43,15 +46,13 @@ class Context(ServiceBase):
             config=run.config,
             tools=self._tool_specs(),
             failure=action.failure,
-            completed=[
-                StepView.of(s) for s in tx.completed_steps(run.id, limit=RECENT_COMPLETED_STEPS)
-            ],
+            completed=[StepView.of(s) for s in completed],
             current_plan=[StepView.of(s) for s in run.steps],
-            recent_events=[event_view(e, positions) for e in recent],
+            recent_events=[event_view(e, position) for e, position in recent],
             memory_summary=summary,
             context_keys=sorted(run.context),
             secrets=secret_values(run.context, run.steps),
-            rejected=[StepView.of(s) for s in tx.rejected_steps(run.id, limit=REJECTED_STEPS)],
+            rejected=[StepView.of(s) for s in rejected],
             **budget_left(run),
         )
 
@@ -79,7 +80,7 @@ class Context(ServiceBase):
         if not older:
             return str(row.memory_summary)
         summary = summarize_events(
-            row.memory_summary, [event_view(e, {}) for e in older], max_chars=4000
+            row.memory_summary, [event_view(e, None) for e in older], max_chars=4000
         )
         tx.save_memory_summary(row.id, summary, older[-1].id)
         return summary
@@ -96,12 +97,12 @@ def budget_left(run: RunSnapshot) -> dict[str, Any]:
     }
 
 
-def event_view(row: EventRecord, positions: Mapping[int, int]) -> EventView:
+def event_view(row: EventRecord, step_position: int | None) -> EventView:
     return EventView(
         id=row.id,
         kind=row.kind,
         message=row.message,
-        step_position=positions.get(row.step_id) if row.step_id is not None else None,
+        step_position=step_position,
         created_at=row.created_at,
         data=row.data or {},
     )

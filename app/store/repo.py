@@ -20,7 +20,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from secrets import token_hex
 from typing import Any
 
@@ -44,6 +43,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.exc import (
@@ -599,30 +599,16 @@ class Tx:
         rows = self.conn.execute(ALL_STEPS, {"p_run_id": run_id})
         return [step_from_row(row) for row in rows]
 
-    def completed_steps(self, run_id: str, *, limit: int) -> list[Step]:
-        """The latest `limit` completed steps, oldest first."""
-        return self._latest_steps(run_id, StepStatus.COMPLETED, limit)
-
-    def rejected_steps(self, run_id: str, *, limit: int) -> list[Step]:
-        """The latest `limit` steps a person rejected, oldest first."""
-        return self._latest_steps(run_id, StepStatus.REJECTED, limit)
-
-    def _latest_steps(self, run_id: str, status: StepStatus, limit: int) -> list[Step]:
-        rows = self.conn.execute(
-            LATEST_STEPS, {"p_run_id": run_id, "p_status": status, "p_limit": limit}
-        )
-        return [step_from_row(row) for row in reversed(list(rows))]
-
-    def step_positions(self, step_ids: Sequence[int]) -> dict[int, int]:
-        """Each step's position, looked up by its primary key one by one: as `id IN
-        (...)`, a planner without statistics reads the whole table."""
-        ids = sorted(set(step_ids))
-        if not ids:
-            return {}
-        found = self.conn.execute(
-            _positions_by_id(len(ids)), {f"p_id_{n}": i for n, i in enumerate(ids)}
-        ).one()
-        return {i: p for i, p in zip(ids, found, strict=True) if p is not None}
+    def completed_and_rejected_steps(
+        self, run_id: str, *, completed: int, rejected: int
+    ) -> tuple[list[Step], list[Step]]:
+        """The latest `completed` completed steps and the latest `rejected` steps a
+        person rejected, each oldest first: one statement."""
+        params = {"p_run_id": run_id, "p_completed": completed, "p_rejected": rejected}
+        found: dict[str, list[Step]] = {StepStatus.COMPLETED: [], StepStatus.REJECTED: []}
+        for row in self.conn.execute(COMPLETED_AND_REJECTED, params):
+            found[row.status].append(step_from_row(row))
+        return found[StepStatus.COMPLETED], found[StepStatus.REJECTED]
 
     def step_results(self, run_id: str, positions: set[int]) -> dict[int, Any]:
         """Results of the run's completed steps at `positions`, by position."""
@@ -705,6 +691,16 @@ class Tx:
             RECENT_EVENTS, {"p_run_id": run_id, "p_after_id": after_id, "p_limit": limit}
         )
         return list(reversed(newest_first))
+
+    def recent_events_with_positions(
+        self, run_id: str, limit: int, *, after_id: int
+    ) -> list[tuple[EventRecord, int | None]]:
+        """recent_events, each with its step's position (None without one), looked up
+        by the step's primary key row by row: joined, or as `id IN (...)`, a planner
+        without statistics may read every step to find them."""
+        params = {"p_run_id": run_id, "p_after_id": after_id, "p_limit": limit}
+        rows = self.conn.execute(RECENT_EVENTS_WITH_POSITIONS, params).all()
+        return [(EventRecord.of(row), row.step_position) for row in reversed(rows)]
 
     def events_between(
         self, run_id: str, *, after_id: int, before_id: int, limit: int
@@ -1042,36 +1038,38 @@ PLAN_STEPS = (
     .order_by(steps.c.position)
 )
 ALL_STEPS = select(*hot.STEP_COLUMNS).where(steps.c.run_id == _RUN_ID).order_by(steps.c.position)
-LATEST_STEPS = (
-    select(*hot.STEP_COLUMNS)
-    .where(steps.c.run_id == _RUN_ID, steps.c.status == bindparam("p_status", type_=String()))
-    .order_by(steps.c.position.desc())
-    .limit(_LIMIT)
-)
+
+
+def _latest_steps(status: StepStatus, how_many: str) -> Select[Any]:
+    """The run's latest steps with `status` (as many as parameter `how_many` says),
+    read backwards through the end of their (run_id, status) range of the index."""
+    latest = (
+        select(*hot.STEP_COLUMNS)
+        .where(steps.c.run_id == _RUN_ID, steps.c.status == status)
+        .order_by(steps.c.position.desc())
+        .limit(bindparam(how_many, type_=Integer()))
+        .subquery()
+    )
+    return select(latest)
+
+
+_either = union_all(
+    _latest_steps(StepStatus.COMPLETED, "p_completed"),
+    _latest_steps(StepStatus.REJECTED, "p_rejected"),
+).subquery()
+COMPLETED_AND_REJECTED = select(_either).order_by(_either.c.position)
+
 STEP_RESULTS = select(steps.c.position, steps.c.result).where(
     steps.c.run_id == _RUN_ID,
     steps.c.position.in_(bindparam("p_positions", expanding=True)),
     steps.c.status == StepStatus.COMPLETED,
 )
 
-
-@lru_cache(maxsize=64)
-def _positions_by_id(count: int) -> Select[Any]:
-    """`count` steps' positions (parameters p_id_0...), each a scalar subquery by
-    primary key; built once per count (a planner's recent events name a handful)."""
-    return select(
-        *(
-            select(steps.c.position)
-            .where(steps.c.id == bindparam(f"p_id_{n}", type_=BigInteger()))
-            .scalar_subquery()
-            for n in range(count)
-        )
-    )
-
-
 _EVENTS_OF_RUN = select(events).where(events.c.run_id == _RUN_ID, events.c.id > _AFTER_ID)
 EVENTS_AFTER = _EVENTS_OF_RUN.order_by(events.c.id).limit(_LIMIT)
 RECENT_EVENTS = _EVENTS_OF_RUN.order_by(events.c.id.desc()).limit(_LIMIT)
+_step_position = select(steps.c.position).where(steps.c.id == events.c.step_id).scalar_subquery()
+RECENT_EVENTS_WITH_POSITIONS = RECENT_EVENTS.add_columns(_step_position.label("step_position"))
 EVENTS_BETWEEN = (
     _EVENTS_OF_RUN.where(events.c.id < bindparam("p_before_id", type_=BigInteger()))
     .order_by(events.c.id)
