@@ -78,6 +78,8 @@ def render(
 def _render_text(
     text: str, variables: Mapping[str, str], tables: Mapping[str, Mapping[str, str]]
 ) -> str | int:
+    if "{" not in text and "}" not in text:  # every token has one: nothing to fill in
+        return text
     whole = _TOKEN.fullmatch(text)
     if whole is not None and whole["conv"] == "int":
         value = _lookup(whole, variables, tables)
@@ -202,11 +204,12 @@ class Runbook(BaseModel):
         self, steps: Sequence[RunbookStep], variables: Mapping[str, str]
     ) -> list[PlannedStep]:
         """Steps with templates filled in. Raises TemplateError or pydantic's ValidationError."""
+        tables = self.tables
         return [
             PlannedStep(
-                description=str(render(step.description, variables, self.tables)),
+                description=str(render(step.description, variables, tables)),
                 tool=step.tool,
-                args=render(step.args, variables, self.tables),
+                args=render(step.args, variables, tables),
             )
             for step in steps
         ]
