@@ -41,6 +41,7 @@ class CeleryDispatcher:
     def __init__(self, max_countdown: float) -> None:
         self.settings = load_settings().model_copy(update={"max_countdown": max_countdown})
         self.queues = Queues.of(self.settings)
+        pin_publish_settings(celery_app)
 
     def enqueue(self, run_id: str, tick: int, delay: float, kind: WorkKind) -> None:
         # Flower and the worker log show the shadow name instead of agentloop.advance.
@@ -55,6 +56,25 @@ class CeleryDispatcher:
     def queue_depth(self) -> int | None:
         depths = [queue_depth(celery_app, queue) for queue in self.queues.iterations]
         return None if None in depths else sum(d for d in depths if d is not None)
+
+
+# What Celery 5.7 reads from its configuration on every publish (apply_async,
+# send_task, the message's argsrepr and kwargsrepr, the producer pool).
+PUBLISH_SETTINGS = (
+    "task_always_eager",
+    "task_send_sent_event",
+    "task_repr_maxlevels",
+    "broker_pool_acquire_timeout",
+)
+
+
+def pin_publish_settings(app: Celery) -> None:
+    """Copy the settings every publish reads, as they resolve now, into the first
+    map of the app's configuration: Celery looks a setting up under three spellings
+    in three maps (one of them celeryconfig, a module), by exceptions, before it
+    reaches a default: ~10 µs a look-up, six a publish. Pinned, each is one dict
+    hit; the values are the same, and a later change still overrides them."""
+    app.conf.update({key: app.conf[key] for key in PUBLISH_SETTINGS})
 
 
 def advance_label(run_id: str, tick: int) -> str:

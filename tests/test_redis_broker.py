@@ -1,8 +1,13 @@
-"""The Redis transport (app/broker.py): a channel keeps one redis.Redis client for its
+"""What a Celery hop costs on Redis, beyond the round trips.
+
+The Redis transport (app/broker.py): a channel keeps one redis.Redis client for its
 connection pool instead of building one per publish, per delivery recorded as
 unacknowledged and per ack, and still works once its connections were dropped.
 Through a Celery app configured as every agentloop process is (app/queues.py), on
 connections of the test's own and a queue of its own in the suite's Redis db.
+
+Publishing an iteration (tasks.CeleryDispatcher) finds each Celery setting it reads
+at the first look.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.utils.collections import DictAttribute
 from kombu import Connection, Consumer
 
 from app.config import load_settings
+from app.engine.routing import WorkKind
 from app.queues import Queues, celery_broker_settings
 from tests.conftest import REDIS_URL
 
@@ -116,3 +123,24 @@ def test_a_channel_whose_pools_were_dropped_works_on_its_new_pool(app: Celery):
         with channel.conn_or_acquire() as client:
             assert client.connection_pool is channel.pool
             assert client.llen(QUEUE) == 2
+
+
+def test_an_enqueue_finds_each_celery_setting_it_reads_at_the_first_look(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+):
+    """Celery looks a setting up in celeryconfig (a module) only after missing it in
+    the first map, and a miss there costs exceptions; pinned, a publish never gets
+    that far."""
+    from tasks import CeleryDispatcher
+
+    dispatcher = CeleryDispatcher(max_countdown=60)
+    dispatcher.queues = Queues.of(load_settings(queue=QUEUE))  # the test's own queue
+    dispatcher.enqueue("settings-test", 1, delay=1, kind=WorkKind.TOOL)  # Celery's first use
+    looked_up: list[str] = []
+    lookup = DictAttribute.__getitem__
+    monkeypatch.setattr(
+        DictAttribute, "__getitem__", lambda self, key: looked_up.append(key) or lookup(self, key)
+    )
+    dispatcher.enqueue("settings-test", 2, delay=1, kind=WorkKind.TOOL)
+    dispatcher.enqueue("settings-test", 3, delay=0, kind=WorkKind.TOOL)
+    assert looked_up == []
