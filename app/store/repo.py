@@ -605,8 +605,13 @@ class Tx:
         """The latest `completed` completed steps and the latest `rejected` steps a
         person rejected, each oldest first: one statement."""
         params = {"p_run_id": run_id, "p_completed": completed, "p_rejected": rejected}
+        rows = (
+            self._run_prepared(PREPARED_COMPLETED_AND_REJECTED, params)
+            if self.conn.dialect.name == "postgresql"
+            else self.conn.execute(COMPLETED_AND_REJECTED, params)
+        )
         found: dict[str, list[Step]] = {StepStatus.COMPLETED: [], StepStatus.REJECTED: []}
-        for row in self.conn.execute(COMPLETED_AND_REJECTED, params):
+        for row in rows:
             found[row.status].append(step_from_row(row))
         return found[StepStatus.COMPLETED], found[StepStatus.REJECTED]
 
@@ -1058,6 +1063,10 @@ _either = union_all(
     _latest_steps(StepStatus.REJECTED, "p_rejected"),
 ).subquery()
 COMPLETED_AND_REJECTED = select(_either).order_by(_either.c.position)
+# Planning the UNION cost PostgreSQL more than running it (and than two statements).
+PREPARED_COMPLETED_AND_REJECTED = hot.prepared(
+    "agentloop_completed_and_rejected", COMPLETED_AND_REJECTED
+)
 
 STEP_RESULTS = select(steps.c.position, steps.c.result).where(
     steps.c.run_id == _RUN_ID,
