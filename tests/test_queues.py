@@ -29,7 +29,13 @@ from app.engine.routing import WorkKind
 from app.service import AgentService
 from tests.conftest import QUEUE, REDIS_DB, ROOT
 from tests.fake_anthropic import FakeAnthropic, plan_reply, slow
-from tests.support.fixtures import Harness, die_with_parent, noop_then_flaky, wait_until
+from tests.support.fixtures import (
+    Harness,
+    die_with_parent,
+    noop_then_flaky,
+    steps,
+    wait_until,
+)
 
 PLAN_QUEUE = f"{QUEUE}.plan"
 NOTIFY_QUEUE = f"{QUEUE}.notify"
@@ -54,6 +60,24 @@ def test_each_iteration_is_published_for_the_work_it_will_do(harness: Harness) -
     assert kind_of_last(harness, run_id) is WorkKind.TOOL
     harness.step()  # flaky failed, and no retry is left
     assert kind_of_last(harness, run_id) is WorkKind.PLAN  # planned around
+
+
+def test_the_verification_after_the_last_step_goes_straight_to_the_planners_queue(
+    harness: Harness,
+) -> None:
+    """After the plan's last step the next iteration verifies: its message goes to the
+    planner's queue at once, not to the tools' queue to be forwarded from there (a
+    wasted hop per plan, a twelfth of a short run's messages)."""
+    harness.planner.script = [steps("noop", "noop")]
+    run_id = harness.service.create_run("queues: verify after the last step")
+    harness.step()  # the plan
+    harness.step()  # step 1 of 2
+    assert kind_of_last(harness, run_id) is WorkKind.TOOL  # step 2 runs next
+    harness.step()  # step 2 of 2: the last
+    assert kind_of_last(harness, run_id) is WorkKind.PLAN
+    harness.dispatcher.sent.clear()
+    run = harness.service.status(run_id).run
+    assert harness.service.advance(run_id, run.tick, kind=WorkKind.PLAN) == "plan (verify)"
 
 
 def test_a_planner_that_failed_is_asked_again_on_the_planners_queue(harness: Harness) -> None:

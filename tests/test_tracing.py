@@ -408,8 +408,8 @@ def test_a_runs_iterations_on_two_workers_form_one_trace(
     found = iterations()
     assert {s["trace_id"] for s in found} == {trace_id}
     assert {s["resource"]["service.name"] for s in found} == {"agentloop-worker"}
-    # An iteration that came on the tools' queue but found the verification due passed
-    # its message on to the planner's queue: it says so, and did nothing else.
+    # An iteration that came on the other kind's queue (the publisher's guess was
+    # wrong) passes its message on: it says so, and does nothing else.
     passed_on = [s for s in found if "agentloop.forwarded_to" in s["attributes"]]
     worked = [s for s in found if s not in passed_on]
     by_worker = {s["attributes"]["agentloop.worker"] for s in worked}

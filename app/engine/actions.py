@@ -264,6 +264,9 @@ class Transition(BaseModel):
 
     status: RunStatus | None = None
     delay: float | None = None  # seconds until the next iteration; None: do not enqueue
+    # The step that succeeded was its plan's last pending one: the next iteration
+    # verifies, a planner call (its message goes to the planner's queue).
+    plan_finished: bool = False
     step_updates: list[StepUpdate] = Field(default_factory=list)
     new_steps: list[PlannedStep] = Field(default_factory=list)
     new_plan_version: int | None = None

@@ -117,6 +117,7 @@ NOT_RUN_COLUMNS: dict[str, str] = {
     "events": "rows appended to events",
     "human_request": "an approvals row",
     "delay": "when the service publishes the next iteration",
+    "plan_finished": "which queue the next iteration is published on",
 }
 
 

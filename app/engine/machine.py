@@ -248,7 +248,8 @@ def fold_step(
     """Fold a tool's outcome in. `step` is as begin_step left it (attempts counted);
     `policy` is its tool's (None for a tool this worker does not know)."""
     if isinstance(outcome, StepSucceeded):
-        return _step_succeeded(step, outcome)
+        # `run` holds the plan's next pending step, if any (hot.decision_steps).
+        return _step_succeeded(step, outcome, last=_first(run, StepStatus.PENDING) is None)
     return _step_failed(run, step, _unambiguous(outcome, policy), jitter_sample=jitter_sample)
 
 
@@ -268,10 +269,11 @@ def _unambiguous(outcome: StepFailed, policy: ToolPolicy | None) -> StepFailed:
     )
 
 
-def _step_succeeded(step: Step, outcome: StepSucceeded) -> Transition:
+def _step_succeeded(step: Step, outcome: StepSucceeded, *, last: bool) -> Transition:
     summary = outcome.summary or "completed"
     return Transition(
         delay=0,
+        plan_finished=last,
         step_updates=[
             StepUpdate(
                 step_id=step.id,

@@ -33,12 +33,12 @@ def work_of(action: Action) -> WorkKind | None:
 def next_work(transition: Transition) -> WorkKind:
     """The kind of the iteration `transition` asks for, as far as it tells: a new plan
     runs its first step, a failed or rejected step is planned around, a planner that
-    failed is asked again. After a step that succeeded the next one runs — unless it
-    was the last, which only the next iteration sees (it forwards the message to the
-    planner's queue then)."""
+    failed is asked again, the plan's last step done is verified; after any other step
+    that succeeded the next one runs. (When it guesses wrong, the worker that takes
+    the message forwards it to the other queue.)"""
     if transition.new_steps:
         return WorkKind.TOOL
-    if transition.planner_failures:
+    if transition.planner_failures or transition.plan_finished:
         return WorkKind.PLAN
     replan = (StepStatus.FAILED, StepStatus.REJECTED)
     if any(update.status in replan for update in transition.step_updates):

@@ -89,25 +89,30 @@ STEP_COLUMNS = [steps.c[name] for name in Step.model_fields]
 
 def decision_steps(run_id: Any, plan_version: Any) -> CompoundSelect[Any]:
     """The steps of a plan that `decide` looks at: every running, failed or rejected
-    one and the first pending one — a handful, however long the plan is, ordered by
-    position.
+    one and the first two pending ones — a handful, however long the plan is, ordered
+    by position. (The second pending one tells whether the first is the plan's last:
+    the iteration after it verifies, and its message goes to the planner's queue.)
 
     Each is reached through (run_id, status) or the primary key, so the query reads
     only those: the plan's own index would read the whole plan, step by step, and so
     the plan version is compared with `same`, which no index can take."""
-    pending = steps.alias("first_pending")
-    first_pending = (
-        select(pending.c.id)
-        .where(
-            pending.c.run_id == run_id,
-            pending.c.status == StepStatus.PENDING,
-            same(pending.c.plan_version, plan_version),
+
+    def nth_pending(offset: int) -> Any:
+        pending = steps.alias(f"pending_{offset + 1}")
+        return (
+            select(pending.c.id)
+            .where(
+                pending.c.run_id == run_id,
+                pending.c.status == StepStatus.PENDING,
+                same(pending.c.plan_version, plan_version),
+            )
+            .order_by(pending.c.position)
+            .offset(offset)
+            .limit(1)
+            .correlate_except(pending)  # run_id may come from an enclosing query
+            .scalar_subquery()
         )
-        .order_by(pending.c.position)
-        .limit(1)
-        .correlate_except(pending)  # run_id may come from an enclosing query
-        .scalar_subquery()
-    )
+
     with_status = [
         select(*STEP_COLUMNS).where(
             steps.c.run_id == run_id,
@@ -116,7 +121,8 @@ def decision_steps(run_id: Any, plan_version: Any) -> CompoundSelect[Any]:
         )
         for status in (StepStatus.RUNNING, StepStatus.FAILED, StepStatus.REJECTED)
     ]
-    found = union_all(*with_status, select(*STEP_COLUMNS).where(steps.c.id == first_pending))
+    pending = [select(*STEP_COLUMNS).where(steps.c.id == nth_pending(n)) for n in (0, 1)]
+    found = union_all(*with_status, *pending)
     return found.order_by(found.selected_columns.position)
 
 
