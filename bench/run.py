@@ -327,9 +327,14 @@ def effect(args: argparse.Namespace) -> None:
 
 def concurrent(args: argparse.Namespace) -> None:
     iterations = args.runs * (CONCURRENT_STEPS + 2)
-    with floor_worker(pool="prefork", concurrency=2):
-        fair = run_floor(floors.fair, FAIR_CHAINS, max(2, iterations // FAIR_CHAINS))
-    say(f"  fair floor, {FAIR_CHAINS} chains, prefork 2: {fair:.0f} hops/s")
+    hops = max(2, iterations // FAIR_CHAINS)
+    with floor_worker(pool="prefork", concurrency=2) as f:
+        cpu, database = f.cpu_seconds(), database_cpu()
+        fair = run_floor(floors.fair, FAIR_CHAINS, hops)
+        cpu, database = f.cpu_seconds() - cpu, database_cpu() - database
+    per = 1000 / (FAIR_CHAINS * hops)
+    say(f"  fair floor, {FAIR_CHAINS} chains, prefork 2: {fair:.0f} hops/s; CPU per hop: "
+        f"worker {cpu * per:.2f} ms, PostgreSQL {database * per:.2f} ms")  # fmt: skip
     # Created before the worker starts: creating a thousand runs takes this process
     # seconds of CPU, which would compete with the worker measured (the floor's 100
     # chains are published in milliseconds).
