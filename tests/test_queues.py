@@ -191,7 +191,7 @@ def test_tool_steps_keep_flowing_while_fifty_planner_calls_wait(
     )  # fmt: skip
     retries = {"retry_policy": {"max_retries": 10, "base": 1, "max_backoff": 4}}
     planned = [
-        # A call refused while the fake's listen backlog overflows is retried.
+        # The fake listens with a backlog of 128; a call refused all the same is retried.
         service.create_run(f"plan slowly #{i}#", config={"planner": "anthropic", **retries})
         for i in range(PLANNER_RUNS)
     ]
@@ -272,3 +272,42 @@ def test_a_planner_worker_runs_threads_and_health_names_the_queues_nobody_consum
     done = agentloop("health", "--timeout", "5")
     assert done.returncode == 1
     assert f"no worker consumes the queue(s) {QUEUE}, {NOTIFY_QUEUE}" in done.stderr
+
+
+def test_a_thread_pool_builds_one_service_however_many_threads_ask_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planner's worker runs 64 threads: on a burst they all ask for the service at
+    once, and each used to build one of its own, with connection pools of its own
+    (84 connections to PostgreSQL from one worker; it ran out)."""
+    import threading
+
+    import app.wiring
+    import tasks
+
+    built: list[object] = []
+    asked = threading.Barrier(16)
+
+    def slow_build(*_: object) -> object:
+        built.append(object())
+        threading.Event().wait(0.05)  # long enough for every thread to be inside
+        return built[-1]
+
+    monkeypatch.setattr(app.wiring, "build_service", slow_build)
+    tasks._built_service.cache_clear()
+    got: list[object] = []
+
+    def ask() -> None:
+        asked.wait()
+        got.append(tasks.service())
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        tasks._built_service.cache_clear()  # the next user builds the real one
+    assert len(built) == 1
+    assert got == [built[0]] * 16
