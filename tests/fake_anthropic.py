@@ -239,6 +239,10 @@ class FakeAnthropic:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's listen backlog is 5: fifty planner threads connecting at once
+    # overflowed it, and a connection whose SYN was dropped waits seconds to retry.
+    # A real API front end takes a burst like that.
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that timed out and hung up is part of the tests, not an error.
