@@ -81,6 +81,11 @@ def test_the_list_filters_by_creator_time_and_text(api, harness: Harness, user: 
     assert listed(f"search=needle&created_by={user.name}") & {mine, theirs} == {mine}
     assert {mine, theirs} <= listed("search=needle&since=2000-01-01T00:00:00Z")
     assert not listed("search=needle&since=2999-01-01T00:00") & {mine, theirs}  # naive: UTC
+    # An age back from now, as the list page and `agentloop runs --since` take it.
+    assert {mine, theirs} <= listed("search=needle&since=1h")
+    assert {mine, theirs} <= listed("search=needle&since=%202D%20")
+    too_old = api("GET", "/api/runs?since=999999d")  # before the year 1: no age
+    assert too_old.status_code == 400 and "since" in too_old.json["error"]
     assert not listed("search=needle%25")  # taken literally, not as a pattern
     refused = api("GET", "/api/runs?since=yesterday")
     assert refused.status_code == 400 and "since" in refused.json["error"]

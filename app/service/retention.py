@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 FINISHED = tuple(status for status in RunStatus if status.is_terminal)
 PRUNE_BATCH = 200
 
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
+# An age: up to five digits (99999w is under 1,918 years: any age reaches back from
+# now to a time a datetime holds) and a unit. A JSON Schema pattern as well (the
+# API's `since` declares it): no flags, so both cases are spelt out.
+AGE_PATTERN = r"^\s*(\d{1,5}(?:\.\d+)?)\s*([sSmMhHdDwW])\s*$"
+_AGE = re.compile(AGE_PATTERN)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -34,11 +38,10 @@ def parse_age(text: str) -> timedelta:
     """`30d`, `12h`, `90m`, `45s`, `2w` as a timedelta; InvalidInput otherwise."""
     found = _AGE.match(text or "")
     if found is None:
-        raise InvalidInput(f"{text!r} is not an age: give a number and a unit, e.g. 30d, 12h, 90m")
-    try:
-        return timedelta(seconds=float(found.group(1)) * _UNITS[found.group(2).lower()])
-    except OverflowError:
-        raise InvalidInput(f"{text!r} is longer than any age there can be") from None
+        raise InvalidInput(
+            f"{text!r} is not an age: give a number (up to 5 digits) and a unit, e.g. 30d, 12h, 90m"
+        )
+    return timedelta(seconds=float(found.group(1)) * _UNITS[found.group(2).lower()])
 
 
 def parse_since(text: str, now: datetime) -> datetime:
@@ -50,7 +53,8 @@ def parse_since(text: str, now: datetime) -> datetime:
         return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except ValueError:
         raise InvalidInput(
-            f"{text!r} is neither an age (2d, 12h) nor an ISO 8601 time (2026-11-30T12:00)"
+            f"{text!r} is neither an age (a number of up to 5 digits and a unit: 2d, 12h) "
+            "nor an ISO 8601 time (2026-11-30T12:00)"
         ) from None
     except OverflowError:
         raise InvalidInput(f"{text!r} reaches back before the year 1") from None

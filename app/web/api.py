@@ -33,6 +33,7 @@ from app.errors import NotFound
 from app.service import Conflict, Forbidden, InvalidInput, RunView
 from app.service.inputs import Problem, Problems
 from app.service.permissions import Actor
+from app.service.retention import parse_since
 from app.store.accounts import User
 from app.store.records import RunRecord
 from app.web import deps, schemas
@@ -319,7 +320,9 @@ def index(*, query: schemas.RunsQuery) -> ResponseReturnValue:
     service = deps.service()
     status = query.status.value if query.status is not None else None
     since = query.since
-    if since is not None and since.tzinfo is None:
+    if isinstance(since, str):  # an age
+        since = parse_since(since, service.clock())
+    elif since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     page = service.list_runs(
         status=status, since=since, search=query.search, created_by=query.created_by,

@@ -40,6 +40,7 @@ from app.engine.models import (
 )
 from app.service.fork import MAX_INSTRUCTION_CHARS
 from app.service.inputs import MAX_IDEMPOTENCY_KEY_CHARS, MAX_RUN_ID_CHARS, Problem
+from app.service.retention import AGE_PATTERN
 
 # Strings the database can hold: no NUL (lone surrogates never get past the parser).
 NO_NUL = r"^[^\x00]*$"
@@ -235,6 +236,8 @@ def _time(value: Any) -> Any:
 
 
 QueryTime = Annotated[datetime, BeforeValidator(_time)]
+# An age back from now, as `agentloop runs --since` and the runs page take it (2d, 12h).
+QueryAge = Annotated[str, StringConstraints(pattern=AGE_PATTERN)]
 QUERY = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -249,8 +252,11 @@ class RunsQuery(BaseModel):
 
     status: RunStatus | None = Field(None, description="Only runs with this status")
     created_by: Name | None = Field(None, description="Only runs this user started")
-    since: QueryTime | None = Field(
-        None, description="Only runs created at or after this time (UTC unless it says)"
+    since: QueryTime | QueryAge | None = Field(
+        None,
+        description="Only runs created at or after this time (UTC unless it says), or "
+        "within this age back from now (30m, 12h, 2d, 1w)",
+        union_mode="left_to_right",
     )
     search: (
         Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=NO_NUL)] | None
