@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from functools import cache
+from typing import Any
 
 from amqp.exceptions import ChannelError
 from celery import Celery, Task
@@ -171,7 +172,21 @@ def _built_service() -> AgentService:
     return build_service(settings, CeleryDispatcher(settings.max_countdown), CeleryNotifier())
 
 
+class AdvanceTask(Task):  # type: ignore[misc]  # Celery is untyped
+    """agentloop.advance's class: a retry (the database was away before the claim) is
+    published on the queue of the message's kind of work. Celery's own retry follows
+    the routing key the message arrived with, and after RabbitMQ's delayed delivery
+    that key no longer names its queue: a planner message went to the tools' queue."""
+
+    def retry(self, *args: Any, **options: Any) -> Any:
+        kind = (self.request.kwargs or {}).get("kind")
+        queues = Queues.of(load_settings())
+        options.setdefault("queue", queues.for_work(WorkKind(kind)) if kind else queues.tools)
+        return super().retry(*args, **options)
+
+
 @celery_app.task(
+    base=AdvanceTask,
     name="agentloop.advance",
     acks_late=True,
     reject_on_worker_lost=True,

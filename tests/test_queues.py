@@ -27,6 +27,7 @@ from app.engine.actions import PlannerUnavailable
 from app.engine.models import RunStatus
 from app.engine.routing import WorkKind
 from app.service import AgentService
+from tasks import queue_depth
 from tests.conftest import QUEUE, REDIS_DB, ROOT
 from tests.fake_anthropic import FakeAnthropic, plan_reply, slow
 from tests.support.fixtures import (
@@ -36,6 +37,7 @@ from tests.support.fixtures import (
     steps,
     wait_until,
 )
+from tests.support.private_services import free_port
 
 PLAN_QUEUE = f"{QUEUE}.plan"
 NOTIFY_QUEUE = f"{QUEUE}.notify"
@@ -147,6 +149,25 @@ def test_notices_travel_on_their_own_queue(start_worker, live_service):
         what="20 notices on the notify queue",
     )
     assert all(task != "agentloop.notify" for task, _ in queued(QUEUE) + queued(PLAN_QUEUE))
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
+def test_a_planner_message_retried_while_the_database_is_away_stays_on_its_queue(
+    start_worker, broker
+) -> None:
+    """The database is away before the claim: Celery delivers the message again, with
+    backoff, on the queue it came from. (On RabbitMQ the message of a countdown comes
+    through the delayed-delivery exchanges, and a retry left to Celery went by the
+    routing key it arrived with: to the tools' queue, for a tool worker to forward.)"""
+    away = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/away"
+    worker = start_worker(queues=PLAN_QUEUE, beat=False, env={"DATABASE_URL": away})
+    broker.client.publish("a-run-nobody-can-read", 1, kind=WorkKind.PLAN, countdown=1)
+    wait_until(
+        lambda: worker.output().count(" retry: Retry in") >= 3,
+        timeout=60,
+        what="the message to come back to the planner's queue twice",
+    )
+    assert queue_depth(broker.client.app, QUEUE) == 0
 
 
 # --- real workers: planner calls never hold tools back ---------------------------------
