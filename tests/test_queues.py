@@ -5,7 +5,8 @@ channel could deliver it.
 In process: which queue each publish picks, and the forwarding of a message that
 landed on the wrong one. Through real workers over Redis: paused runs leave no
 notice message behind unless a channel is configured, and tool steps keep flowing
-while fifty planner calls wait on the network.
+while fifty planner calls wait on the network; over Redis and RabbitMQ: a message
+retried while the database is away comes back on its own queue.
 """
 
 from __future__ import annotations
